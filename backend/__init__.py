@@ -1,0 +1,1 @@
+"""Label Studio ML backend serving SSP-SAM text-prompted brush pre-annotations."""

@@ -1,0 +1,1 @@
+"""Datasets: the official layout, a team's own JSON-lines format, and the synthetic referring benchmark."""
