@@ -1,0 +1,126 @@
+"""SSP-SAM: wires SAM, CLIP (Surgery) and the Semantic-Spatial Prompt encoder. Tensors in, logits out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from segment_anything.modeling import Sam
+from torch import nn
+from torch.nn import functional as F
+
+from .adapters import LinguisticAttentionAdapter, VisualAttentionAdapter
+from .clip_surgery import CLIPSurgery
+from .prompt_generator import PromptGenerator
+
+
+@dataclass
+class SSPSAMOutput:
+    logits: torch.Tensor | None          # (B, 1, F, F) in the padded SAM frame at half resolution
+    low_res_logits: torch.Tensor | None  # (B, 1, 4h, 4w) mask-decoder output
+    box: torch.Tensor                    # (B, 4) sigmoid (cx, cy, w, h) in the padded CLIP square
+    prompts: torch.Tensor | None         # (B, P, D) sparse prompts fed to SAM's mask decoder
+
+
+class _UnusedOfficialModules(nn.Module):
+    """``img2img_attn`` and ``norm_text_cond_img``: built but never called by the official forward.
+
+    They exist so that an official checkpoint loads with every key accounted for and round-trips. Their tensors
+    take whatever shape the checkpoint has (the relative-position tables depend on the variant).
+    """
+
+    def __init__(self, dim: int, rpe_len: int = 29) -> None:
+        super().__init__()
+        self.img2img_attn = nn.Module()
+        self.img2img_attn.in_proj_weight = nn.Parameter(torch.zeros(3 * dim, dim))
+        self.img2img_attn.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.img2img_attn.out_proj = nn.Linear(dim, dim)
+        self.img2img_attn.register_buffer("pos_x", torch.zeros(rpe_len, dim // 2))
+        self.img2img_attn.register_buffer("pos_y", torch.zeros(rpe_len, dim // 2))
+        self.norm_text_cond_img = nn.LayerNorm(dim)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401 - torch hook
+        for name in ("pos_x", "pos_y"):
+            key = f"{prefix}img2img_attn.{name}"
+            if key in state_dict:
+                setattr(self.img2img_attn, name, torch.empty_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class SSPSAM(nn.Module):
+    """Semantic-Spatial Prompt SAM (official ``SSP_SAM`` in ``models/ssp_sam_{224,336}.py``)."""
+
+    def __init__(self, spec, sam: Sam, clip: CLIPSurgery) -> None:
+        super().__init__()
+        self.spec = spec
+        self.sam = sam
+        self.clip = clip
+        hidden = spec.ssp_hidden_dim
+        num_tokens = (clip.image_size // clip.model.config.vision_config.patch_size) ** 2
+        self.clip_proj = nn.Linear(clip.text_width, hidden)
+        self.vad = VisualAttentionAdapter(clip.embed_dim, hidden, num_heads=spec.ssp_heads)
+        self.lad = LinguisticAttentionAdapter(hidden)
+        self.fusion = nn.Linear(hidden, spec.prompt_dim)
+        self.prompt_generator = PromptGenerator(spec.prompt_dim, spec.num_prompts, num_tokens, spec.prompt_layers,
+                                                spec.prompt_heads, spec.prompt_ffn_dim)
+        self.unused = _UnusedOfficialModules(spec.prompt_dim)
+
+    @property
+    def frame_size(self) -> int:
+        return self.spec.frame_size
+
+    @torch.no_grad()
+    def encode_image(self, sam_images: torch.Tensor) -> torch.Tensor:
+        """Run the (frozen) SAM image encoder: (B, 3, S, S) SAM-normalised padded images -> embeddings."""
+        if self.sam.image_encoder is None:
+            raise RuntimeError("this model was built without the SAM image encoder; pass cached image embeddings")
+        return self.sam.image_encoder(sam_images)
+
+    def encode_text(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP text tower: word tokens (B, L, Ct) and sentence embedding (B, C)."""
+        return self.clip.encode_text(token_ids)
+
+    def forward(self, image_embeddings: torch.Tensor | None, clip_images: torch.Tensor, token_ids: torch.Tensor,
+                sam_images: torch.Tensor | None = None, box_only: bool = False) -> SSPSAMOutput:
+        clip_grad = self.spec.train_clip and self.training
+        with torch.set_grad_enabled(clip_grad and torch.is_grad_enabled()):
+            image_tokens = self.clip.encode_image(clip_images)
+            words, sentence = self.clip.encode_text(token_ids)
+        word_mask = token_ids != 0
+        words = self.clip_proj(words)
+        visual = self.vad(image_tokens, sentence, words, ~word_mask)
+        phrase, _ = self.lad(words, word_mask)
+        fused = self.fusion(torch.tanh(visual) * torch.tanh(phrase))
+        box, prompts = self.prompt_generator(fused, box_only=box_only)
+        if box_only:
+            return SSPSAMOutput(None, None, box, None)
+        if image_embeddings is None:
+            if sam_images is None:
+                raise ValueError("give image_embeddings or sam_images")
+            with torch.set_grad_enabled(self.spec.train_sam_encoder and self.training and torch.is_grad_enabled()):
+                image_embeddings = self.sam.image_encoder(sam_images)
+        low_res = self.decode_masks(image_embeddings, prompts)
+        return SSPSAMOutput(self.postprocess_logits(low_res), low_res, box, prompts)
+
+    def decode_masks(self, image_embeddings: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """SAM mask decoder with the prompts as sparse embeddings and the no-mask dense embedding; mask token 0."""
+        pe = self.sam.prompt_encoder
+        image_pe = pe.get_dense_pe()
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *image_embeddings.shape[-2:])
+        out = []
+        # segment_anything's MaskDecoder repeats the image embedding per prompt set, so decode one sample at a time
+        # (as the official loop does).
+        for i in range(image_embeddings.shape[0]):
+            low_res, _ = self.sam.mask_decoder(
+                image_embeddings=image_embeddings[i:i + 1], image_pe=image_pe,
+                sparse_prompt_embeddings=prompts[i:i + 1], dense_prompt_embeddings=dense, multimask_output=False)
+            out.append(low_res)
+        return torch.cat(out, dim=0)
+
+    def postprocess_logits(self, low_res: torch.Tensor) -> torch.Tensor:
+        """Low-res logits -> bilinear to the SAM input size -> bilinear to half of it (official 256 -> 1024 -> 512)."""
+        size = self.spec.sam_image_size
+        x = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)[..., :size, :size]
+        return F.interpolate(x, (self.spec.frame_size, self.spec.frame_size), mode="bilinear", align_corners=False)
