@@ -29,7 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in BUILTIN_COMMAND_MODULES:
-        importlib.import_module(name).register_cli(sub)
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a partial install (e.g. inference only) keeps the other commands
+            logging.getLogger(__name__).warning("subcommands of %s unavailable: %s", name, exc)
+            continue
+        module.register_cli(sub)
     for ep in entry_points(group="ssp_sam.commands"):
         try:
             ep.load()(sub)

@@ -78,16 +78,24 @@ class SSPSAM(nn.Module):
             raise RuntimeError("this model was built without the SAM image encoder; pass cached image embeddings")
         return self.sam.image_encoder(sam_images)
 
-    def encode_text(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """CLIP text tower: word tokens (B, L, Ct) and sentence embedding (B, C)."""
-        return self.clip.encode_text(token_ids)
+    def encode_clip_image(self, clip_images: torch.Tensor) -> torch.Tensor:
+        """CLIP-Surgery image tokens F (B, 1+N, C); no gradient unless the spec trains CLIP."""
+        with torch.set_grad_enabled(self.spec.train_clip and self.training and torch.is_grad_enabled()):
+            return self.clip.encode_image(clip_images)
 
-    def forward(self, image_embeddings: torch.Tensor | None, clip_images: torch.Tensor, token_ids: torch.Tensor,
-                sam_images: torch.Tensor | None = None, box_only: bool = False) -> SSPSAMOutput:
-        clip_grad = self.spec.train_clip and self.training
-        with torch.set_grad_enabled(clip_grad and torch.is_grad_enabled()):
-            image_tokens = self.clip.encode_image(clip_images)
-            words, sentence = self.clip.encode_text(token_ids)
+    def encode_text(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP text tower: word tokens W (B, L, Ct) and sentence embedding (B, C)."""
+        with torch.set_grad_enabled(self.spec.train_clip and self.training and torch.is_grad_enabled()):
+            return self.clip.encode_text(token_ids)
+
+    def forward(self, image_embeddings: torch.Tensor | None, clip_images: torch.Tensor | None,
+                token_ids: torch.Tensor, sam_images: torch.Tensor | None = None, box_only: bool = False,
+                image_tokens: torch.Tensor | None = None,
+                text_features: tuple[torch.Tensor, torch.Tensor] | None = None) -> SSPSAMOutput:
+        """Full forward. Cached CLIP image tokens / text features may replace ``clip_images`` / the text tower."""
+        if image_tokens is None:
+            image_tokens = self.encode_clip_image(clip_images)
+        words, sentence = text_features if text_features is not None else self.encode_text(token_ids)
         word_mask = token_ids != 0
         words = self.clip_proj(words)
         visual = self.vad(image_tokens, sentence, words, ~word_mask)

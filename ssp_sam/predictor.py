@@ -1,0 +1,293 @@
+"""``SSPSAMPredictor``: preprocessing, caches and batching around a loaded SSP-SAM (like segment-anything's
+``SamPredictor``). The model stays tensors in, tensors out.
+
+* Images are read with EXIF orientation and converted to RGB (``transforms.load_image``).
+* Image features (the SAM image embedding and the CLIP-Surgery tokens) are cached by image content in an LRU bounded
+  in bytes; a rephrased sentence on the same image re-runs only the prompt path and the mask decoder.
+* Text features are cached by sentence (bounded by count).
+* ``predict_batch`` groups pairs by image, encodes missing images and sentences in batches, then decodes in batches.
+* Thread-safe: caches have a lock; the model runs under one lock (one accelerator slot per process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .build import LoadedModel, ModelConfig, load_model
+from .transforms import ClipMeta, box_from_clip_frame, clip_input, frame_to_original, load_image, sam_input
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    mask: np.ndarray            # (H, W) bool at the image's natural (EXIF-transposed) size
+    score: float                # mean foreground probability inside the mask; 0.0 when no target
+    box_xyxy: np.ndarray        # (4,) REG-token box in original pixels
+    no_target: bool             # the GRES rule: too few positive pixels in the logit frame
+    frame_logits: np.ndarray    # (F, F) float32 logits in the padded SAM frame
+
+
+@dataclass
+class _ImageFeatures:
+    embedding: torch.Tensor     # (C, h, w) SAM image embedding
+    tokens: torch.Tensor        # (1+N, C) CLIP-Surgery tokens
+    meta: ClipMeta
+    hw: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return self.embedding.element_size() * self.embedding.nelement() + \
+            self.tokens.element_size() * self.tokens.nelement()
+
+
+class ByteLRU:
+    """A thread-safe LRU bounded by the sum of its values' ``nbytes``; never grows past the bound."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.evictions = 0
+
+    def get(self, key):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key]
+            self.misses += 1
+            return None
+
+    def put(self, key, value) -> None:
+        size = value.nbytes
+        with self._lock:
+            if key in self._items:
+                self._bytes -= self._items.pop(key).nbytes
+            if size > self.max_bytes:
+                return  # larger than the whole cache: do not keep it
+            self._items[key] = value
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.nbytes
+                self.evictions += 1
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def stats(self) -> dict[str, int]:
+        return {"items": len(self._items), "bytes": self._bytes, "max_bytes": self.max_bytes, "hits": self.hits,
+                "misses": self.misses, "evictions": self.evictions}
+
+
+class SSPSAMPredictor:
+    """Sentence -> mask at the original resolution, for one loaded model."""
+
+    def __init__(self, loaded: LoadedModel, threshold: float = 0.0, cache_bytes: int = 512 * 2**20,
+                 text_cache_size: int = 4096) -> None:
+        self.loaded = loaded
+        self.model = loaded.model.eval()
+        self.tokenizer = loaded.tokenizer
+        self.spec = loaded.spec
+        self.device = loaded.device
+        self.threshold = float(threshold)
+        self.image_cache = ByteLRU(cache_bytes)
+        self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._text_cache_size = text_cache_size
+        self._text_lock = threading.Lock()
+        self._model_lock = threading.Lock()
+
+    @property
+    def version(self) -> str:
+        return self.loaded.version
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.loaded.dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.loaded.dtype)
+        return nullcontext()
+
+    # -- features -------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def image_key(image: np.ndarray) -> str:
+        h = hashlib.sha1(np.ascontiguousarray(image).data)
+        h.update(str(image.shape).encode())
+        return h.hexdigest()
+
+    def _image_features(self, images: list[np.ndarray], batch_size: int) -> list[_ImageFeatures]:
+        keys = [self.image_key(im) for im in images]
+        found: dict[str, _ImageFeatures] = {}
+        todo: list[int] = []
+        for i, k in enumerate(keys):
+            f = self.image_cache.get(k)
+            if f is None and k not in {keys[j] for j in todo}:
+                todo.append(i)
+            elif f is not None:
+                found[k] = f
+        for start in range(0, len(todo), batch_size):
+            idx = todo[start:start + batch_size]
+            sam = torch.stack([sam_input(images[i], self.spec.sam_image_size) for i in idx]).to(self.device)
+            clips, metas = zip(*(clip_input(images[i], self.spec.clip_image_size, "center") for i in idx))
+            with torch.inference_mode(), self._autocast(), self._model_lock:
+                emb = self.model.encode_image(sam).float().cpu()
+                tok = self.model.encode_clip_image(torch.stack(clips).to(self.device)).float().cpu()
+            for j, i in enumerate(idx):
+                feats = _ImageFeatures(emb[j].clone(), tok[j].clone(), metas[j], tuple(images[i].shape[:2]))
+                self.image_cache.put(keys[i], feats)
+                found[keys[i]] = feats
+        return [found[k] for k in keys]
+
+    def _text_features(self, sentences: list[str]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        with self._text_lock:
+            missing = [s for s in dict.fromkeys(sentences) if s not in self._text_cache]
+        if missing:
+            ids = self.tokenizer(missing)
+            with torch.inference_mode(), self._autocast(), self._model_lock:
+                words, sent = self.model.encode_text(ids.to(self.device))
+            with self._text_lock:
+                for i, s in enumerate(missing):
+                    self._text_cache[s] = (ids[i], words[i].float().cpu(), sent[i].float().cpu())
+                while len(self._text_cache) > self._text_cache_size:
+                    self._text_cache.popitem(last=False)
+        with self._text_lock:
+            out = []
+            for s in sentences:
+                self._text_cache.move_to_end(s)
+                out.append(self._text_cache[s])
+            return out
+
+    # -- prediction -----------------------------------------------------------------------------------------------
+
+    def predict(self, image, sentence: str) -> Prediction:
+        """One image (array, PIL image, path or bytes) and one sentence -> ``Prediction``."""
+        return self.predict_batch([(image, sentence)])[0]
+
+    def predict_batch(self, pairs: Sequence[tuple[Any, str]], batch_size: int = 8) -> list[Prediction]:
+        """Many (image, sentence) pairs; images shared between pairs are encoded once."""
+        if not pairs:
+            return []
+        t0 = time.perf_counter()
+        images = [im if isinstance(im, np.ndarray) and im.dtype == np.uint8 and im.ndim == 3 and im.shape[2] == 3
+                  else load_image(im) for im, _ in pairs]
+        sentences = [str(s) for _, s in pairs]
+        feats = self._image_features(images, batch_size)
+        texts = self._text_features(sentences)
+        results: list[Prediction] = []
+        for start in range(0, len(pairs), batch_size):
+            f = feats[start:start + batch_size]
+            t = texts[start:start + batch_size]
+            emb = torch.stack([x.embedding for x in f]).to(self.device)
+            tok = torch.stack([x.tokens for x in f]).to(self.device)
+            ids = torch.stack([x[0] for x in t]).to(self.device)
+            words = torch.stack([x[1] for x in t]).to(self.device)
+            sent = torch.stack([x[2] for x in t]).to(self.device)
+            with torch.inference_mode(), self._autocast(), self._model_lock:
+                out = self.model(emb, None, ids, image_tokens=tok, text_features=(words, sent))
+            logits = out.logits.float().cpu()[:, 0]
+            boxes = out.box.float().cpu()
+            for j, fe in enumerate(f):
+                results.append(self._finish(logits[j], boxes[j], fe))
+        log.debug("predicted %d pairs in %.3f s", len(pairs), time.perf_counter() - t0)
+        return results
+
+    def _finish(self, frame_logits: torch.Tensor, box: torch.Tensor, fe: _ImageFeatures) -> Prediction:
+        positive = frame_logits > self.threshold
+        no_target = float(positive.sum()) < self.spec.no_target_min_pixels
+        box_xyxy = box_from_clip_frame(box.tolist(), fe.meta, fe.hw)
+        if no_target:
+            mask = np.zeros(fe.hw, dtype=bool)
+            score = 0.0
+        else:
+            full = frame_to_original(frame_logits, fe.hw, self.spec.sam_image_size)
+            mask = (full > self.threshold).numpy()
+            score = float(torch.sigmoid(frame_logits[positive]).mean())
+            if not mask.any():  # a tiny object lost in the resize back: report it as no target
+                no_target, score = True, 0.0
+        return Prediction(mask=mask, score=score, box_xyxy=box_xyxy, no_target=no_target,
+                          frame_logits=frame_logits.numpy().astype(np.float32))
+
+    def cache_stats(self) -> dict[str, Any]:
+        return {"image_cache": self.image_cache.stats(), "text_cache_items": len(self._text_cache)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI: ssp-sam predict IMAGE "sentence" --out overlay.png
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, box: Iterable[float] | None = None,
+            color=(255, 40, 40), alpha: float = 0.5):
+    """An RGB picture with the mask tinted and its outline and box drawn (PIL image)."""
+    from PIL import Image, ImageDraw
+
+    out = image.astype(np.float32).copy()
+    out[mask] = (1 - alpha) * out[mask] + alpha * np.array(color, dtype=np.float32)
+    pil = Image.fromarray(out.clip(0, 255).astype(np.uint8))
+    if box is not None:
+        ImageDraw.Draw(pil).rectangle([float(v) for v in box], outline=(255, 255, 0), width=2)
+    return pil
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The options that make a ``ModelConfig`` (shared by several subcommands)."""
+    p.add_argument("--variant", default="demo", help="model variant (default: the packaged demo model)")
+    p.add_argument("--checkpoint", default=None, help="SSP-SAM checkpoint: official .pth or a bundle")
+    p.add_argument("--sam-checkpoint", default=None, help="segment-anything checkpoint (.pth)")
+    p.add_argument("--clip-checkpoint", default=None, help="OpenAI CLIP .pt or transformers CLIP directory")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto, fp32, bf16, fp16 (CUDA autocast)")
+
+
+def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(variant=args.variant, checkpoint=args.checkpoint, sam_checkpoint=args.sam_checkpoint,
+                       clip_checkpoint=args.clip_checkpoint, device=args.device, dtype=args.dtype)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    image = load_image(args.image)
+    predictor = SSPSAMPredictor(load_model(model_config_from_args(args)), threshold=args.threshold)
+    p = predictor.predict(image, args.sentence)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    overlay(image, p.mask, None if p.no_target else p.box_xyxy).save(out)
+    mask_path = Path(args.mask) if args.mask else out.with_name(out.stem + "_mask.png")
+    Image.fromarray((p.mask * 255).astype(np.uint8)).save(mask_path)
+    state = "no target" if p.no_target else f"{int(p.mask.sum())} px"
+    print(f"{args.sentence!r}: {state}, score {p.score:.3f}, box {np.round(p.box_xyxy, 1).tolist()}")
+    print(f"wrote {out} and {mask_path} (model {predictor.version})")
+    return 0
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("predict", help="segment the object a sentence refers to; writes a mask and an overlay")
+    p.add_argument("image")
+    p.add_argument("sentence")
+    p.add_argument("--out", default="overlay.png", help="overlay picture (PNG)")
+    p.add_argument("--mask", default=None, help="mask PNG (default: <out>_mask.png)")
+    p.add_argument("--threshold", type=float, default=0.0, help="logit threshold (0 = probability 0.5)")
+    add_model_args(p)
+    p.set_defaults(func=_cmd_predict)
