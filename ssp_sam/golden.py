@@ -68,35 +68,35 @@ def write_official_files(folder: Path, out: Path, salt: str) -> tuple[Path, Path
 def _compare_cases(folder: Path, manifest: dict, model, tok, spec, tol: dict) -> list[dict]:
     rows: list[dict] = []
     for case in manifest["cases"]:
-    ref = np.load(folder / f"{case}.npz")
-    image = ref["image"]
-    token_ids = tok([str(ref["text"])])
-    clip_img, _meta = clip_input(image, spec.clip_image_size, "center")
-    out = model(torch.from_numpy(ref["sam_embedding"]), clip_img[None], token_ids)
-    got = {
-        "token_ids": token_ids.numpy(),
-        "clip_input": clip_img[None].numpy(),
-        "box_cxcywh": out.box.numpy(),
-        "sparse_prompts": out.prompts.numpy(),
-        "low_res_logits": out.low_res_logits.numpy(),
-        "logits": out.logits.numpy(),
-    }
-    for name, limit in tol.items():
-        if name not in got:
-            continue
-        r = ref[name]
-        g = got[name]
-        if g.shape != r.shape:
-            rows.append(dict(case=case, tensor=name, max_abs=float("inf"), tol=limit, ok=False,
-                             note=f"shape {g.shape} vs {r.shape}"))
-            continue
-        diff = float(np.abs(g.astype(np.float64) - r.astype(np.float64)).max()) if g.size else 0.0
-        rows.append(dict(case=case, tensor=name, max_abs=diff, tol=limit, ok=diff <= limit))
-    ref_logits, g_logits = ref["logits"], got["logits"]
-    confident = np.abs(ref_logits) >= 1e-4
-    sign_ok = bool(((ref_logits > 0) == (g_logits > 0))[confident].all())
-    rows.append(dict(case=case, tensor="sign(logits)", max_abs=float(
-        ((ref_logits > 0) != (g_logits > 0))[confident].sum()), tol=0, ok=sign_ok))
+        ref = np.load(folder / f"{case}.npz")
+        image = ref["image"]
+        token_ids = tok([str(ref["text"])])
+        clip_img, _meta = clip_input(image, spec.clip_image_size, "center")
+        out = model(torch.from_numpy(ref["sam_embedding"]), clip_img[None], token_ids)
+        got = {
+            "token_ids": token_ids.numpy(),
+            "clip_input": clip_img[None].numpy(),
+            "box_cxcywh": out.box.numpy(),
+            "sparse_prompts": out.prompts.numpy(),
+            "low_res_logits": out.low_res_logits.numpy(),
+            "logits": out.logits.numpy(),
+        }
+        for name, limit in tol.items():
+            if name not in got:
+                continue
+            r = ref[name]
+            g = got[name]
+            if g.shape != r.shape:
+                rows.append(dict(case=case, tensor=name, max_abs=float("inf"), tol=limit, ok=False,
+                                 note=f"shape {g.shape} vs {r.shape}"))
+                continue
+            diff = float(np.abs(g.astype(np.float64) - r.astype(np.float64)).max()) if g.size else 0.0
+            rows.append(dict(case=case, tensor=name, max_abs=diff, tol=limit, ok=diff <= limit))
+        ref_logits, g_logits = ref["logits"], got["logits"]
+        confident = np.abs(ref_logits) >= 1e-4
+        sign_ok = bool(((ref_logits > 0) == (g_logits > 0))[confident].all())
+        rows.append(dict(case=case, tensor="sign(logits)", max_abs=float(
+            ((ref_logits > 0) != (g_logits > 0))[confident].sum()), tol=0, ok=sign_ok))
     return rows
 
 
