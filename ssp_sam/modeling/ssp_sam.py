@@ -113,19 +113,27 @@ class SSPSAM(nn.Module):
         return SSPSAMOutput(self.postprocess_logits(low_res), low_res, box, prompts)
 
     def decode_masks(self, image_embeddings: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        """SAM mask decoder with the prompts as sparse embeddings and the no-mask dense embedding; mask token 0."""
+        """SAM's mask decoder with the prompts as sparse embeddings and the no-mask dense embedding; mask token 0
+        (``multimask_output=False``). Returns low-res logits (B, 1, 4h, 4w).
+
+        segment_anything's ``MaskDecoder.predict_masks`` pairs *one* image with a batch of prompt sets (it repeats
+        the image embedding per set), so the official code loops over samples. This is the same computation with a
+        batch of (image, prompt set) pairs, using the decoder's own modules; only mask token 0 is decoded since the
+        others and the IoU head are discarded (the golden check holds it to the official numbers).
+        """
+        dec = self.sam.mask_decoder
         pe = self.sam.prompt_encoder
-        image_pe = pe.get_dense_pe()
-        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *image_embeddings.shape[-2:])
-        out = []
-        # segment_anything's MaskDecoder repeats the image embedding per prompt set, so decode one sample at a time
-        # (as the official loop does).
-        for i in range(image_embeddings.shape[0]):
-            low_res, _ = self.sam.mask_decoder(
-                image_embeddings=image_embeddings[i:i + 1], image_pe=image_pe,
-                sparse_prompt_embeddings=prompts[i:i + 1], dense_prompt_embeddings=dense, multimask_output=False)
-            out.append(low_res)
-        return torch.cat(out, dim=0)
+        b = image_embeddings.shape[0]
+        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), prompts), dim=1)
+        src = image_embeddings + pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        pos_src = pe.get_dense_pe().expand(b, -1, -1, -1)
+        _, c, h, w = src.shape
+        hs, src = dec.transformer(src, pos_src, tokens)
+        upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        hyper = dec.output_hypernetworks_mlps[0](hs[:, 1, :]).unsqueeze(1)   # mask token 0
+        _, c2, h2, w2 = upscaled.shape
+        return (hyper @ upscaled.reshape(b, c2, h2 * w2)).reshape(b, 1, h2, w2)
 
     def postprocess_logits(self, low_res: torch.Tensor) -> torch.Tensor:
         """Low-res logits -> bilinear to the SAM input size -> bilinear to half of it (official 256 -> 1024 -> 512)."""

@@ -106,3 +106,17 @@ def test_variant_registry_has_documented_names():
         assert name in VARIANTS
     assert VARIANTS["ssp-sam-224"].frame_size == 512
     assert VARIANTS["ssp-sam-224"].no_target_min_pixels == 50
+
+
+def test_batched_decoder_equals_segment_anything_per_sample():
+    model = build_model("tiny", seed=3).eval()
+    emb, prompts = torch.randn(3, 32, 8, 8), torch.randn(3, 8, 32)
+    pe = model.sam.prompt_encoder
+    dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, 8, 8)
+    with torch.no_grad():
+        batched = model.decode_masks(emb, prompts)
+        ref = torch.cat([model.sam.mask_decoder(image_embeddings=emb[i:i + 1], image_pe=pe.get_dense_pe(),
+                                                sparse_prompt_embeddings=prompts[i:i + 1],
+                                                dense_prompt_embeddings=dense, multimask_output=False)[0]
+                         for i in range(3)])
+    assert torch.allclose(batched, ref, atol=1e-5)
