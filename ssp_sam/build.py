@@ -6,7 +6,6 @@ Variants are data (``VariantSpec``), not subclasses, as in segment-anything's ``
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,7 +21,7 @@ from .modeling.ssp_sam import SSPSAM
 
 log = logging.getLogger(__name__)
 
-DEMO_CHECKPOINT = Path(__file__).parent / "assets" / "ssp_sam_demo.pt"
+from .versioning import DEMO_CHECKPOINT, default_checkpoint, file_digest, weights_version  # noqa: F401
 
 # SAM image encoders of segment-anything's registry (build_sam.py).
 SAM_ENCODERS: dict[str, dict[str, Any]] = {
@@ -231,6 +230,7 @@ class ModelConfig:
     dtype: str = "auto"
     strict: bool = True
     with_image_encoder: bool = True
+    version: str | None = None          # the model_version to report; default <variant>-<sha8 of checkpoint>
 
 
 @dataclass
@@ -269,24 +269,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-def file_digest(path: str | Path, n: int = 8) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:n]
-
-
 def load_model(cfg: ModelConfig) -> LoadedModel:
     """Build the configured variant and load every weight file it names; returns a model in eval mode on device."""
     from . import checkpoints
     from .tokenizer import load_tokenizer
 
-    checkpoint = cfg.checkpoint
-    if checkpoint is None and cfg.variant == "demo":
-        checkpoint = str(DEMO_CHECKPOINT)
-        if not DEMO_CHECKPOINT.exists():
-            raise FileNotFoundError(f"the packaged demo model is missing: {DEMO_CHECKPOINT}")
+    checkpoint = default_checkpoint(cfg.variant, cfg.checkpoint)
+    if checkpoint == str(DEMO_CHECKPOINT) and not DEMO_CHECKPOINT.exists():
+        raise FileNotFoundError(f"the packaged demo model is missing: {DEMO_CHECKPOINT}")
     raw = checkpoints.read_checkpoint(checkpoint) if checkpoint else None
     bundle = raw if checkpoints.is_bundle(raw) else None
     spec = get_spec(bundle["variant"] if bundle else cfg.variant)
@@ -312,6 +302,6 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     model.to(device).eval()
-    version = meta.get("version") or (f"{spec.name}-{file_digest(checkpoint)}" if checkpoint else f"{spec.name}-random")
+    version = cfg.version or weights_version(cfg.variant, checkpoint)
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, version=version, device=device, dtype=dtype,
                        report=report, meta=meta)

@@ -233,7 +233,7 @@ def _place_objects(h: int, w: int, n: int, dom: dict[str, Any], rng: np.random.G
     for _ in range(n):
         for _attempt in range(40):
             size = str(rng.choice(pools["size"]))
-            r = m * (rng.uniform(0.07, 0.095) if size == "small" else rng.uniform(0.14, 0.18))
+            r = m * (rng.uniform(0.085, 0.11) if size == "small" else rng.uniform(0.15, 0.19))
             cx, cy = rng.uniform(r + 1, w - r - 1), rng.uniform(r + 1, h - r - 1)
             if all((cx - o.cx) ** 2 + (cy - o.cy) ** 2 > (1.08 * (r + o.r) + 2) ** 2 for o in objs):
                 objs.append(_Obj(str(rng.choice(pools["shape"])), str(rng.choice(pools["colour"])), size,

@@ -1,0 +1,193 @@
+"""Backend configuration: one dataclass, read from the environment.
+
+Names follow label-studio-ml 2.x where it has one (``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``, ``BASIC_AUTH_*``,
+``MODEL_DIR``, ``LOG_LEVEL``, ``PORT``, ``WORKERS``, ``THREADS``); the model's own settings are ``SSP_SAM_*`` and a
+few plain names. ``docs/backend.md`` has the table of every variable with its default; keep both in sync
+(``tests/backend/test_config.py`` checks that every field is documented).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Mapping, Optional
+
+DEFAULT_PROMPT_FIELDS = ("text", "prompt", "caption", "expression")
+
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f", ""}
+
+
+class ConfigError(ValueError):
+    """An environment variable has a value the backend cannot use."""
+
+
+def _get(env: Mapping[str, str], *names: str, default: Optional[str] = None) -> Optional[str]:
+    for name in names:
+        value = env.get(name)
+        if value is not None and value.strip() != "":
+            return value.strip()
+    return default
+
+
+def _int(env, name, default: int, minimum: Optional[int] = None) -> int:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(env, name, default: float, minimum: Optional[float] = None) -> float:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _bool(env, name, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    low = raw.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be a boolean (true/false), got {raw!r}")
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    # --- Label Studio connection (label-studio-ml names) ---
+    label_studio_url: Optional[str] = None        # LABEL_STUDIO_URL (fallback LABEL_STUDIO_HOST)
+    label_studio_api_key: Optional[str] = None    # LABEL_STUDIO_API_KEY (fallback LABEL_STUDIO_ACCESS_TOKEN)
+    basic_auth_user: Optional[str] = None         # BASIC_AUTH_USER
+    basic_auth_pass: Optional[str] = None         # BASIC_AUTH_PASS
+    webhook_secret: Optional[str] = None          # WEBHOOK_SECRET
+    local_files_document_root: Optional[str] = None  # LOCAL_FILES_DOCUMENT_ROOT
+    # --- server ---
+    model_dir: str = "./model_dir"                # MODEL_DIR
+    log_level: str = "INFO"                       # LOG_LEVEL
+    host: str = "127.0.0.1"                       # HOST (python -m backend / run.sh bind address)
+    port: int = 9090                              # PORT
+    workers: int = 1                              # WORKERS
+    threads: int = 4                              # THREADS
+    timeout: int = 300                            # GUNICORN_TIMEOUT (seconds; a batch predict can be long)
+    # --- model ---
+    variant: str = "demo"                         # SSP_SAM_VARIANT
+    checkpoint: Optional[str] = None              # SSP_SAM_CHECKPOINT
+    sam_checkpoint: Optional[str] = None          # SAM_CHECKPOINT
+    clip_checkpoint: Optional[str] = None         # CLIP_CHECKPOINT
+    device: str = "auto"                          # DEVICE
+    dtype: str = "auto"                           # DTYPE
+    mask_threshold: float = 0.0                   # MASK_THRESHOLD (logit; 0.0 = probability 0.5)
+    embedding_cache_mb: int = 512                 # EMBEDDING_CACHE_MB
+    predict_batch_size: int = 8                   # PREDICT_BATCH_SIZE (tasks per predict_batch call)
+    preload_model: bool = False                   # PRELOAD_MODEL (load in each worker right after it starts)
+    reload_interval_s: float = 2.0                # RELOAD_INTERVAL_S (how often the version pointer is checked)
+    # --- prompts ---
+    prompt_fields: tuple = DEFAULT_PROMPT_FIELDS  # PROMPT_FIELDS (comma-separated task data keys)
+    # --- media ---
+    media_cache_dir: Optional[str] = None         # MEDIA_CACHE_DIR (default MODEL_DIR/media-cache)
+    media_cache_mb: int = 1024                    # MEDIA_CACHE_MB
+    media_timeout_s: float = 30.0                 # MEDIA_TIMEOUT_S
+    # --- corrections datastore (backend/datastore.py) ---
+    datastore_url: Optional[str] = None           # DATASTORE_URL (default SQLite MODEL_DIR/corrections.db)
+
+    # ------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides) -> "BackendConfig":
+        env = os.environ if env is None else env
+        fields_raw = _get(env, "PROMPT_FIELDS")
+        prompt_fields = (tuple(f.strip() for f in fields_raw.split(",") if f.strip())
+                         if fields_raw is not None else DEFAULT_PROMPT_FIELDS)
+        url = _get(env, "LABEL_STUDIO_URL", "LABEL_STUDIO_HOST")
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ConfigError(f"LABEL_STUDIO_URL must start with http:// or https://, got {url!r}")
+        log_level = (_get(env, "LOG_LEVEL", default="INFO") or "INFO").upper()
+        if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {log_level!r}")
+        dtype = (_get(env, "DTYPE", default="auto") or "auto").lower()
+        if dtype not in {"auto", "fp32", "bf16", "fp16"}:
+            raise ConfigError(f"DTYPE must be auto, fp32, bf16 or fp16, got {dtype!r}")
+        values = dict(
+            label_studio_url=url.rstrip("/") if url else None,
+            label_studio_api_key=_get(env, "LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN"),
+            basic_auth_user=_get(env, "BASIC_AUTH_USER"),
+            basic_auth_pass=_get(env, "BASIC_AUTH_PASS"),
+            webhook_secret=_get(env, "WEBHOOK_SECRET"),
+            local_files_document_root=_get(env, "LOCAL_FILES_DOCUMENT_ROOT"),
+            model_dir=_get(env, "MODEL_DIR", default="./model_dir"),
+            log_level=log_level,
+            host=_get(env, "HOST", default="127.0.0.1"),
+            port=_int(env, "PORT", 9090, minimum=0),
+            workers=_int(env, "WORKERS", 1, minimum=1),
+            threads=_int(env, "THREADS", 4, minimum=1),
+            timeout=_int(env, "GUNICORN_TIMEOUT", 300, minimum=0),
+            variant=_get(env, "SSP_SAM_VARIANT", default="demo"),
+            checkpoint=_get(env, "SSP_SAM_CHECKPOINT"),
+            sam_checkpoint=_get(env, "SAM_CHECKPOINT"),
+            clip_checkpoint=_get(env, "CLIP_CHECKPOINT"),
+            device=_get(env, "DEVICE", default="auto"),
+            dtype=dtype,
+            mask_threshold=_float(env, "MASK_THRESHOLD", 0.0),
+            embedding_cache_mb=_int(env, "EMBEDDING_CACHE_MB", 512, minimum=0),
+            predict_batch_size=_int(env, "PREDICT_BATCH_SIZE", 8, minimum=1),
+            preload_model=_bool(env, "PRELOAD_MODEL", False),
+            reload_interval_s=_float(env, "RELOAD_INTERVAL_S", 2.0, minimum=0.0),
+            prompt_fields=prompt_fields,
+            media_cache_dir=_get(env, "MEDIA_CACHE_DIR"),
+            media_cache_mb=_int(env, "MEDIA_CACHE_MB", 1024, minimum=1),
+            media_timeout_s=_float(env, "MEDIA_TIMEOUT_S", 30.0, minimum=0.1),
+            datastore_url=_get(env, "DATASTORE_URL"),
+        )
+        if bool(values["basic_auth_user"]) != bool(values["basic_auth_pass"]):
+            raise ConfigError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        values.update(overrides)
+        return cls(**values)
+
+    # ------------------------------------------------------------------
+    @property
+    def basic_auth_enabled(self) -> bool:
+        return bool(self.basic_auth_user and self.basic_auth_pass)
+
+    @property
+    def versions_dir(self) -> str:
+        return os.path.join(self.model_dir, "versions")
+
+    @property
+    def version_pointer(self) -> str:
+        """``MODEL_DIR/versions/current.json``, written atomically by the trainer."""
+        return os.path.join(self.versions_dir, "current.json")
+
+    @property
+    def resolved_media_cache_dir(self) -> str:
+        return self.media_cache_dir or os.path.join(self.model_dir, "media-cache")
+
+    def replace(self, **changes) -> "BackendConfig":
+        from dataclasses import replace
+        return replace(self, **changes)
+
+    def redacted(self) -> dict:
+        """The configuration as a dict with secrets masked (for logs and /health)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in {"label_studio_api_key", "basic_auth_pass", "webhook_secret"} and value:
+                value = "***"
+            if f.name == "datastore_url" and value and "@" in value:
+                value = value.split("://", 1)[0] + "://***@" + value.rsplit("@", 1)[1]
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out

@@ -1,0 +1,19 @@
+"""Logging setup shared by ``python -m backend`` and gunicorn workers."""
+
+from __future__ import annotations
+
+import logging
+
+FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+
+
+def configure_logging(level: str = "INFO") -> None:
+    lvl = getattr(logging, str(level).upper(), logging.INFO)
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=lvl, format=FORMAT)
+    root.setLevel(lvl)
+    # the SDK logs every resolved media URL at INFO; keep that (and urllib3) quieter unless debugging
+    if lvl > logging.DEBUG:
+        for name in ("label_studio_sdk", "urllib3", "werkzeug"):
+            logging.getLogger(name).setLevel(max(lvl, logging.WARNING))

@@ -1,0 +1,400 @@
+"""The one adapter over label-studio-sdk's media access.
+
+Everything that downloads task media goes through :class:`MediaFetcher`; the private SDK path
+``label_studio_sdk._extensions.label_studio_tools.core.utils.io`` is imported here and nowhere else.
+
+What it handles (the SDK does the URL logic; this module adds what the SDK lacks):
+- uploads (``/data/upload/<pid>/<file>``: ``/storage-data/uploaded/?filepath=...`` first, then the legacy path),
+  Local Storage (``/data/local-files/?d=...``, relative or absolute; read from disk when
+  ``LOCAL_FILES_DOCUMENT_ROOT`` is set), cloud URIs (``s3://``, ``gs://``, ``azure-blob://`` through LS's presign
+  endpoint, needs the task id) and plain ``http(s)://`` URLs;
+- legacy tokens (``Authorization: Token``) and personal access tokens (a JWT refresh token exchanged for a
+  short-lived access token through the SDK's token client, sent as ``Bearer``);
+- the token goes only to the Label Studio host (the SDK attaches it only when the URL's host equals the LS host);
+- host and token from the environment first, then from LS's ``/setup`` call (``hostname``/``access_token``);
+- a download cache bounded in bytes (oldest files evicted), unlike the SDK's unbounded one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from typing import Callable, Optional
+from urllib.parse import urlparse
+
+import numpy as np
+import requests
+from PIL import Image, ImageOps
+
+from label_studio_sdk._extensions.label_studio_tools.core.utils import io as _ls_io
+
+logger = logging.getLogger(__name__)
+
+# Pillow refuses absurd images (decompression bombs) by default; keep that guard but allow large photos.
+Image.MAX_IMAGE_PIXELS = 400_000_000
+
+
+class MediaError(Exception):
+    """A task's media could not be read. The message is safe to show to a client (no secrets)."""
+
+
+def is_jwt(token: str) -> bool:
+    return bool(token) and _ls_io.is_jwt_well_formed(token)
+
+
+def jwt_token_type(token: str) -> Optional[str]:
+    """``"refresh"`` for a personal access token, ``"access"`` for an access JWT, None for a legacy key."""
+    try:
+        import jwt
+        return jwt.decode(token, options={"verify_signature": False}).get("token_type")
+    except Exception:
+        return None
+
+
+class _TimeoutSession(requests.Session):
+    """The SDK downloads without a timeout; this session (installed through the SDK's ``http_session`` hook) adds
+    one."""
+
+    def __init__(self, timeout: float):
+        super().__init__()
+        self._timeout = timeout
+
+    def request(self, *args, **kwargs):
+        kwargs.setdefault("timeout", self._timeout)
+        return super().request(*args, **kwargs)
+
+
+class _SDKTokenClient:
+    """Exchanges a PAT (JWT refresh token) for access tokens through label-studio-sdk's token client, which caches
+    the access token and refreshes it when it expires (thread-safe)."""
+
+    def __init__(self, hostname: str, pat: str):
+        from label_studio_sdk.client import LabelStudio
+        self._client = LabelStudio(base_url=hostname, api_key=pat)
+
+    def access_token(self) -> str:
+        return self._client._client_wrapper._tokens_client.api_key
+
+
+TokenClientFactory = Callable[[str, str], object]   # (hostname, pat) -> object with .access_token()
+
+
+class MediaFetcher:
+    """Downloads (and caches) task media; loads images as EXIF-transposed RGB arrays.
+
+    Interface used by the app and by ``backend.corrections.CorrectionWorker``:
+      ``fetch(url, task_id=None, project_id=None) -> str``           local path of the file
+      ``load_image(url, task_id=None, project_id=None) -> np.ndarray``  (H, W, 3) uint8, EXIF-transposed
+      ``set_connection(hostname, access_token, project_id=None)``    host/token from LS's /setup
+      ``stats() -> dict``                                            hits, misses, errors, cache bytes
+    """
+
+    def __init__(self, config, token_client_factory: Optional[TokenClientFactory] = None,
+                 persist_path: Optional[str] = None):
+        self.config = config
+        # /setup reaches one gunicorn worker only: the connection is shared with the others through this file (0600)
+        self.persist_path = persist_path
+        self._persist_sig = None
+        self.cache_dir = config.resolved_media_cache_dir
+        self.max_bytes = int(config.media_cache_mb) * 2**20
+        # A directory that never exists: the SDK then never reads uploads from a co-located LS data dir by guessing
+        # paths (user_data_dir); uploads are always downloaded with the token, like on a remote machine.
+        self._no_local_uploads = os.path.join(self.cache_dir, ".no-local-uploads")
+        self._token_client_factory = token_client_factory or _SDKTokenClient
+        self._token_clients: dict = {}
+        self._lock = threading.Lock()
+        self._evict_lock = threading.Lock()
+        # striped locks: two threads never download the same URL into the same cache file at once
+        self._url_locks = [threading.Lock() for _ in range(64)]
+        self._tls = threading.local()            # one requests.Session per thread
+        self._known: dict = {}               # cached path -> (size, mtime_ns) when last served
+        self._setup_conn: dict = {}          # project_id -> (hostname, token); None key = last /setup
+        self._counters = {"hits": 0, "misses": 0, "errors": 0, "evicted_files": 0}
+        os.makedirs(self.cache_dir, exist_ok=True)
+
+    # ------------------------------------------------------------------ connection
+    def set_connection(self, hostname: Optional[str], access_token: Optional[str], project_id=None) -> None:
+        """Remember what LS sent in /setup; used only where the environment gives no host/token."""
+        if hostname and not str(hostname).startswith(("http://", "https://")):
+            logger.warning("ignoring /setup hostname without http(s) scheme: %r", hostname)
+            hostname = None
+        if not hostname and not access_token:
+            return
+        conn = ((hostname or "").rstrip("/") or None, access_token or None)
+        with self._lock:
+            if self._setup_conn.get(None) == conn and (project_id is None
+                                                       or self._setup_conn.get(str(project_id)) == conn):
+                return
+            self._setup_conn[None] = conn
+            if project_id is not None:
+                self._setup_conn[str(project_id)] = conn
+            snapshot = {("" if k is None else k): list(v) for k, v in self._setup_conn.items()}
+        self._persist(snapshot)
+
+    def _persist(self, snapshot: dict) -> None:
+        if not self.persist_path:
+            return
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.persist_path)), exist_ok=True)
+            tmp = f"{self.persist_path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(snapshot, f)
+            os.replace(tmp, self.persist_path)
+        except OSError as exc:
+            logger.warning("cannot persist the Label Studio connection: %s", exc)
+
+    def _reload_persisted(self) -> None:
+        """Pick up a connection another worker process received in /setup."""
+        if not self.persist_path:
+            return
+        try:
+            st = os.stat(self.persist_path)
+        except OSError:
+            return
+        sig = (st.st_mtime_ns, st.st_size)
+        if sig == self._persist_sig:
+            return
+        try:
+            with open(self.persist_path, "r", encoding="utf-8") as f:
+                data = json.load(f)
+            conns = {(None if k == "" else k): (v[0], v[1]) for k, v in data.items()}
+        except (OSError, ValueError, TypeError, IndexError) as exc:
+            logger.warning("ignoring unreadable %s: %s", self.persist_path, exc)
+            return
+        with self._lock:
+            self._persist_sig = sig
+            for k, v in conns.items():
+                self._setup_conn[k] = v
+
+    def connection(self, project_id=None) -> tuple[Optional[str], Optional[str]]:
+        """(hostname, token) to use: environment first, then /setup for this project, then the last /setup."""
+        if not (self.config.label_studio_url and self.config.label_studio_api_key):
+            self._reload_persisted()
+        with self._lock:
+            setup = self._setup_conn.get(str(project_id)) if project_id is not None else None
+            setup = setup or self._setup_conn.get(None) or (None, None)
+        host = self.config.label_studio_url or setup[0]
+        token = self.config.label_studio_api_key or setup[1]
+        return host, token
+
+    def _auth_token(self, hostname: Optional[str], token: Optional[str]) -> Optional[str]:
+        """The token to put on the wire: legacy keys unchanged, PATs exchanged for an access token."""
+        if not token or not hostname:
+            return token
+        if jwt_token_type(token) != "refresh":
+            return token
+        key = (hostname, token)
+        try:
+            with self._lock:
+                client = self._token_clients.get(key)
+                if client is None:     # the SDK client raises here when the PAT has already expired
+                    client = self._token_clients[key] = self._token_client_factory(hostname, token)
+            return client.access_token()
+        except Exception as exc:
+            raise MediaError(f"could not exchange the personal access token at {hostname}/api/token/refresh/: "
+                             f"{type(exc).__name__}") from None
+
+    # ------------------------------------------------------------------ fetch
+    def fetch(self, url: str, task_id=None, project_id=None) -> str:
+        if not isinstance(url, str) or not url.strip():
+            raise MediaError("task has no media URL")
+        url = url.strip()
+        hostname, token = self.connection(project_id)
+        if url.startswith("file://"):
+            raise MediaError("file:// URLs are not served; use Local Storage (/data/local-files/?d=...)")
+        try:
+            access = self._auth_token(hostname, token)
+            lock = self._url_locks[hash(url) % len(self._url_locks)]
+            with lock, _ls_io.local_files_resolver(self._resolve_local_file), _ls_io.http_session(self._session()):
+                path = _ls_io.get_local_path(
+                    url,
+                    cache_dir=self.cache_dir,
+                    hostname=hostname or "",
+                    access_token=access or "",
+                    image_dir=self._no_local_uploads,
+                    download_resources=True,
+                    task_id=task_id,
+                )
+        except MediaError:
+            self._count("errors")
+            raise
+        except Exception as exc:
+            self._count("errors")
+            raise MediaError(self._describe_error(url, exc, hostname, token)) from None
+        if not os.path.exists(path):
+            self._count("errors")
+            raise MediaError(f"media file not found after download: {self._safe_url(url)}")
+        new = not self._is_known(path)
+        self._count("misses" if new else "hits")
+        self._touch(path)
+        if new:
+            self._evict()
+        return path
+
+    def load_image(self, url: str, task_id=None, project_id=None) -> np.ndarray:
+        for attempt in (0, 1):
+            path = self.fetch(url, task_id=task_id, project_id=project_id)
+            try:
+                return load_image_file(path)
+            except Exception as exc:
+                # a cached file can be truncated (another process was writing it): drop it and download once more
+                if attempt == 0 and self._in_cache(path):
+                    self._drop(path)
+                    continue
+                self._count("errors")
+                raise MediaError(f"cannot decode image {self._safe_url(url)}: {type(exc).__name__}") from None
+        raise AssertionError("unreachable")
+
+    def _in_cache(self, path: str) -> bool:
+        return os.path.dirname(os.path.abspath(path)) == os.path.abspath(self.cache_dir)
+
+    def _drop(self, path: str) -> None:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+        with self._lock:
+            self._known.pop(path, None)
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._tls, "session", None)
+        if session is None:
+            session = self._tls.session = _TimeoutSession(float(self.config.media_timeout_s))
+        return session
+
+    # ------------------------------------------------------------------ local files
+    def _resolve_local_file(self, relative_path: str) -> Optional[str]:
+        """Resolver for ``/data/local-files/?d=...``: a path under LOCAL_FILES_DOCUMENT_ROOT, or None (then the SDK
+        raises FileNotFoundError; without a root we return a path that does not exist so it downloads via LS)."""
+        root = self.config.local_files_document_root
+        if not root or os.path.abspath(root) == os.path.abspath(os.sep):
+            # no root: a non-existing path makes the SDK download the file from LS instead
+            return os.path.join(self._no_local_uploads, "missing")
+        try:
+            return _ls_io.safe_build_path(root, relative_path.lstrip("/"))
+        except ValueError:
+            return None
+
+    # ------------------------------------------------------------------ cache bound
+    def _is_known(self, path: str) -> bool:
+        """True when ``path`` is a cached file this process served before, unchanged since (a cache hit)."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        with self._lock:
+            return self._known.get(path) == (st.st_size, st.st_mtime_ns)
+
+    def _touch(self, path: str) -> None:
+        """Mark as recently used (eviction is oldest-mtime first) and remember it for hit counting."""
+        try:
+            os.utime(path, None)
+            st = os.stat(path)
+        except OSError:
+            return
+        with self._lock:
+            self._known[path] = (st.st_size, st.st_mtime_ns)
+
+    def _evict(self) -> None:
+        with self._evict_lock:
+            try:
+                entries = []
+                with os.scandir(self.cache_dir) as it:
+                    for e in it:
+                        if e.is_file():
+                            st = e.stat()
+                            entries.append((st.st_mtime, st.st_size, e.path))
+            except FileNotFoundError:
+                return
+            total = sum(size for _, size, _ in entries)
+            if total <= self.max_bytes:
+                return
+            entries.sort()
+            for _, size, path in entries[:-1]:          # never evict the newest (just downloaded) file
+                if total <= self.max_bytes:
+                    break
+                try:
+                    os.remove(path)
+                    total -= size
+                    self._count("evicted_files")
+                    with self._lock:
+                        self._known.pop(path, None)
+                except OSError:
+                    pass
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self._counters[key] += 1
+
+    def stats(self) -> dict:
+        with self._lock:
+            out = dict(self._counters)
+        lookups = out["hits"] + out["misses"]
+        out["hit_rate"] = (out["hits"] / lookups) if lookups else None
+        try:
+            with os.scandir(self.cache_dir) as it:
+                out["cache_bytes"] = sum(e.stat().st_size for e in it if e.is_file())
+        except FileNotFoundError:
+            out["cache_bytes"] = 0
+        out["cache_limit_bytes"] = self.max_bytes
+        return out
+
+    # ------------------------------------------------------------------ messages
+    @staticmethod
+    def _safe_url(url: str) -> str:
+        """A URL without its query string (presigned URLs carry credentials there)."""
+        p = urlparse(url)
+        if p.scheme in ("http", "https") and p.query and "local-files" not in p.path:
+            return f"{p.scheme}://{p.netloc}{p.path}?..."
+        return url if len(url) <= 300 else url[:300] + "..."
+
+    def _describe_error(self, url, exc, hostname, token) -> str:
+        safe = self._safe_url(url)
+        if isinstance(exc, requests.HTTPError) and exc.response is not None:
+            code = exc.response.status_code
+            hint = ""
+            if code == 401:
+                hint = (" (check LABEL_STUDIO_API_KEY: a legacy token needs legacy tokens enabled in the organization,"
+                        " a personal access token needs label-studio-sdk>=2.0.14)")
+            elif code == 403:
+                hint = " (the file is missing, or the token's user cannot access it)"
+            return f"download of {safe} failed: HTTP {code}{hint}"
+        if isinstance(exc, FileNotFoundError):
+            if not hostname:
+                return (f"cannot resolve {safe}: no Label Studio host (set LABEL_STUDIO_URL, or connect the backend"
+                        f" so that /setup provides it)")
+            if not token:
+                return f"cannot download {safe}: no Label Studio token (set LABEL_STUDIO_API_KEY)"
+            return f"media not found: {safe}"
+        if isinstance(exc, requests.ConnectionError):
+            return f"cannot connect to download {safe}"
+        if isinstance(exc, requests.Timeout):
+            return f"timed out downloading {safe}"
+        if isinstance(exc, ValueError):
+            return f"invalid media URL {safe}: {exc}"
+        return f"cannot read {safe}: {type(exc).__name__}"
+
+
+def load_image_file(path_or_bytes) -> np.ndarray:
+    """RGB uint8 (H, W, 3), EXIF orientation applied (what the browser shows, so masks line up)."""
+    import io
+    src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else path_or_bytes
+    with Image.open(src) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode != "RGB":
+            im = im.convert("RGB")
+        return np.asarray(im, dtype=np.uint8).copy()
+
+
+def natural_size(path) -> tuple[int, int]:
+    """(width, height) after EXIF transpose, without decoding the pixels."""
+    with Image.open(path) as im:
+        w, h = im.size
+        try:
+            orientation = im.getexif().get(0x0112, 1)
+        except Exception:
+            orientation = 1
+        return (h, w) if orientation in (5, 6, 7, 8) else (w, h)

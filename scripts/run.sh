@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Run the backend with gunicorn on 127.0.0.1:${PORT:-9090} (demo model by default).
+# Creates .venv on first use. Every setting comes from the environment (docs/backend.md), e.g.
+#   LABEL_STUDIO_URL=http://127.0.0.1:8080 LABEL_STUDIO_API_KEY=... scripts/run.sh
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+if [ ! -x .venv/bin/gunicorn ]; then
+  echo "creating .venv (first run)"
+  python3 -m venv .venv
+  .venv/bin/pip install -r requirements.txt
+  .venv/bin/pip install --no-deps -e .
+fi
+
+export HOST="${HOST:-127.0.0.1}"
+export PORT="${PORT:-9090}"
+export MODEL_DIR="${MODEL_DIR:-$ROOT/model_dir}"
+export SSP_SAM_VARIANT="${SSP_SAM_VARIANT:-demo}"
+export WORKERS="${WORKERS:-1}"
+export THREADS="${THREADS:-4}"
+export LOG_LEVEL="${LOG_LEVEL:-INFO}"
+mkdir -p "$MODEL_DIR"
+
+.venv/bin/python -m backend --check >/dev/null   # fail fast on a bad configuration
+exec .venv/bin/gunicorn -c python:backend.gunicorn_conf backend.wsgi:app

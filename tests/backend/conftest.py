@@ -1,0 +1,180 @@
+"""Fixtures for the backend tests: a fake predictor (no torch), a fake datastore, mocked Label Studio media."""
+
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.app import create_app
+from backend.config import BackendConfig
+
+LS_URL = "http://ls.test:8080"
+LEGACY_TOKEN = "legacy0123456789abcdef"
+
+LABEL_CONFIG = (
+    '<View><Image name="image" value="$image"/>'
+    '<TextArea name="prompt" toName="image" editable="true" rows="1"/>'
+    '<BrushLabels name="tag" toName="image"><Label value="object"/><Label value="circle"/></BrushLabels></View>'
+)
+
+
+@dataclass
+class FakePrediction:
+    mask: np.ndarray
+    score: float
+    box_xyxy: np.ndarray
+    no_target: bool
+    frame_logits: np.ndarray = field(default_factory=lambda: np.zeros((8, 8), np.float32))
+
+
+def fake_mask(image: np.ndarray, sentence: str) -> np.ndarray:
+    """Deterministic masks from the sentence: 'left' -> left half, 'nothing' -> empty, else the centre quarter."""
+    h, w = image.shape[:2]
+    m = np.zeros((h, w), bool)
+    s = sentence.lower()
+    if "nothing" in s:
+        return m
+    if "left" in s:
+        m[:, : w // 2] = True
+    else:
+        m[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = True
+    return m
+
+
+class FakePredictor:
+    def __init__(self, version="fake-0001", fail_on=None, delay=0.0):
+        self.version = version
+        self.fail_on = fail_on
+        self.delay = delay
+        self.calls = []
+        self.lock = threading.Lock()
+
+    def predict_batch(self, pairs, batch_size=8):
+        import time
+        with self.lock:
+            self.calls.append([s for _, s in pairs])
+        if self.delay:
+            time.sleep(self.delay)
+        out = []
+        for image, sentence in pairs:
+            if self.fail_on and self.fail_on in sentence:
+                raise RuntimeError("boom: CUDA out of memory (fake)")
+            assert isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
+            m = fake_mask(image, sentence)
+            out.append(FakePrediction(mask=m, score=0.9 if m.any() else 0.0,
+                                      box_xyxy=np.zeros(4, np.float32), no_target=not m.any()))
+        return out
+
+    def cache_stats(self):
+        return {"hits": 1, "misses": 2, "hit_rate": 1 / 3}
+
+
+class FakeStore:
+    def __init__(self):
+        self.events = []
+        self.predictions = []
+        self.lock = threading.Lock()
+        self.fail_record = False
+
+    def enqueue_event(self, action, payload):
+        with self.lock:
+            self.events.append((action, payload))
+            return len(self.events)
+
+    def record_prediction(self, project_id, task_id, sentence, model_version, mask, score):
+        if self.fail_record:
+            raise RuntimeError("database is locked")
+        with self.lock:
+            self.predictions.append(dict(project_id=project_id, task_id=task_id, sentence=sentence,
+                                         model_version=model_version, mask=mask, score=score))
+            return len(self.predictions)
+
+    def version_stats(self):
+        with self.lock:
+            versions = {}
+            for p in self.predictions:
+                versions.setdefault(p["model_version"], {"predictions": 0})["predictions"] += 1
+            return versions
+
+    def pending_event_count(self):
+        return len(self.events)
+
+
+def png_bytes(w=64, h=48, color=(200, 30, 30), exif_orientation=None, fmt="PNG") -> bytes:
+    im = Image.new("RGB", (w, h), color)
+    buf = io.BytesIO()
+    if exif_orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        im.save(buf, format="JPEG", exif=exif.tobytes())
+    else:
+        im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def make_config(tmp_path, **env) -> BackendConfig:
+    base = {"MODEL_DIR": str(tmp_path / "model_dir"), "LABEL_STUDIO_URL": LS_URL, "LABEL_STUDIO_API_KEY": LEGACY_TOKEN,
+            "RELOAD_INTERVAL_S": "0"}
+    base.update({k: v for k, v in env.items() if v is not None})
+    for k in [k for k, v in env.items() if v is None]:
+        base.pop(k, None)
+    return BackendConfig.from_env(base)
+
+
+@pytest.fixture
+def store():
+    return FakeStore()
+
+
+@pytest.fixture
+def predictor():
+    return FakePredictor()
+
+
+@pytest.fixture
+def make_app(tmp_path, store, predictor):
+    def _make(predictor_factory=None, store_factory=None, **env):
+        cfg = make_config(tmp_path, **env)
+        factory = predictor_factory or (lambda config, ckpt: predictor)
+        app = create_app(cfg, predictor_factory=factory, store_factory=store_factory or (lambda c: store),
+                         start_worker=False)
+        app.testing = True
+        return app
+    return _make
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def ls_media(requests_mock):
+    """Serve /data/upload/1/<name> through LS's /storage-data proxy (token required)."""
+    files = {}
+
+    def add(name, content, project=1):
+        url = f"{LS_URL}/storage-data/uploaded/?filepath=upload/{project}/{name}"
+        requests_mock.get(url, content=content)
+        files[name] = url
+        return f"/data/upload/{project}/{name}"
+
+    return add
+
+
+def task(tid, image, text=None, **data):
+    d = {"image": image}
+    if text is not None:
+        d["text"] = text
+    d.update(data)
+    return {"id": tid, "project": 1, "data": d}

@@ -1,0 +1,195 @@
+"""The fine-tuning round: claim, split, train, evaluate, publish only if not worse, pointer, report, CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from backend.corrections import CorrectionWorker, annotation_event
+from backend.datastore import open_datastore
+from backend.finetune import (FinetuneConfig, is_heldout, read_pointer, register_cli, run_once, split_samples,
+                              watch)
+
+LS = "http://ls.test"
+
+
+def _png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _synthetic(n: int, seed: int, **kw):
+    from ssp_sam.data.synthetic import SyntheticConfig, SyntheticDataset
+
+    cfg = SyntheticConfig(domain="novel", kind_weights={"attr": 0.6, "abs_pos": 0.2, "multi": 0.2}, **kw)
+    return SyntheticDataset(n, seed=seed, config=cfg)
+
+
+def ingest(store, requests_mock, samples, first_task: int = 1, origin: str = "manual",
+           model_version: str | None = None) -> None:
+    """Send each sample through the inbox as the ANNOTATION_CREATED webhook Label Studio posts; drain it."""
+    for k, s in enumerate(samples):
+        tid = first_task + k
+        url = f"/data/upload/1/img{tid}.png"
+        requests_mock.get(LS + url, content=_png(s.image))
+        store.enqueue_event("ANNOTATION_CREATED", annotation_event(
+            "ANNOTATION_CREATED", 10_000 + tid, tid, 1, url, s.sentence, s.mask, origin=origin,
+            model_version=model_version))
+    fetch = lambda url, task: requests.get(LS + url, timeout=5).content  # noqa: E731
+    CorrectionWorker(store, fetch).drain()
+    assert store.stats()["events"]["failed"] == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    from ssp_sam.build import build_model
+    from ssp_sam.checkpoints import save_bundle
+    from ssp_sam.tokenizer import load_tokenizer
+
+    model = build_model("tiny", seed=0)
+    path = tmp_path_factory.mktemp("base") / "tiny.pt"
+    save_bundle(model, load_tokenizer(model.spec), path, meta={"version": "tiny-base"})
+    return str(path)
+
+
+def _cfg(tmp_path, base, **kw) -> FinetuneConfig:
+    d = dict(model_dir=str(tmp_path), variant="tiny", base_checkpoint=base, heldout_fraction=0.3, min_train=2,
+             min_heldout=1, epochs=1, max_steps=2, batch_size=4, lr=1e-3, lr_decoder=1e-3, device="cpu",
+             curve_every=1, eval_batch_size=8)
+    d.update(kw)
+    return FinetuneConfig(**d)
+
+
+def test_heldout_split_is_deterministic_and_by_task():
+    rows = [{"task_id": t, "project_id": 1, "id": i} for i, t in enumerate(list(range(200)) * 2)]
+    train, held = split_samples(rows, 0.2)
+    assert 0.1 < len(held) / len(rows) < 0.3
+    assert not {r["task_id"] for r in train} & {r["task_id"] for r in held}  # a task is on one side only
+    assert split_samples(rows, 0.2) == (train, held)
+    assert is_heldout(5, 0.2, 1) == is_heldout(5, 0.2, 1)
+    assert not any(is_heldout(t, 0.0) for t in range(50))
+
+
+def test_round_publishes_then_skips_then_rejects(tmp_path, tiny_base, requests_mock):
+    store = open_datastore(None, tmp_path)
+    ingest(store, requests_mock, _synthetic(12, seed=3, min_size=48, max_size=64))
+    store.enqueue_event("START_TRAINING", {"action": "START_TRAINING", "project": {"id": 1}})
+    CorrectionWorker(store, lambda u, t: b"").drain()
+    assert len(store.pending_training_requests()) == 1
+    assert read_pointer(_cfg(tmp_path, tiny_base)) is None
+
+    # 1) tolerance 1.0: always good enough -> published, pointer written, claim completed, request handled
+    rep = run_once(_cfg(tmp_path, tiny_base, tolerance=1.0), store=store)
+    assert rep["decision"] == "published", rep.get("reason")
+    ptr = json.loads((tmp_path / "versions" / "current.json").read_text())
+    assert set(ptr) >= {"version", "path", "parent", "created_at", "metrics"}
+    from ssp_sam.build import file_digest
+
+    # the parent is named as the backend serves the base model: <variant>-<sha8 of the file>
+    assert ptr["version"] == rep["version"] and ptr["parent"] == f"tiny-{file_digest(tiny_base)}"
+    assert (tmp_path / "versions" / ptr["path"]).exists()
+    assert store.count_new_samples() == 0 and store.pending_training_requests() == []
+    assert [v["version"] for v in store.list_versions()] == [rep["version"]]
+    run_dir = tmp_path / "runs" / rep["run_id"]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert (run_dir / "curve.png").stat().st_size > 1000
+    assert {"before", "after", "version_stats", "n_train", "n_heldout", "curve"} <= set(report)
+    assert report["n_train"] + report["n_heldout"] == 12 and report["n_heldout"] >= 1
+    # the published bundle loads and names its version
+    from ssp_sam.build import ModelConfig, load_model
+
+    loaded = load_model(ModelConfig(variant="tiny", checkpoint=str(tmp_path / "versions" / ptr["path"]),
+                                    device="cpu"))
+    assert loaded.meta.get("version") == ptr["version"] and loaded.meta.get("parent") == ptr["parent"]
+
+    # 2) nothing new -> skipped, pointer unchanged
+    rep2 = run_once(_cfg(tmp_path, tiny_base), store=store)
+    assert rep2["decision"] == "skipped" and "new samples" in rep2["reason"]
+    assert json.loads((tmp_path / "versions" / "current.json").read_text())["version"] == ptr["version"]
+
+    # 3) new corrections, impossible tolerance -> rejected: pointer unchanged, claim completed, reason recorded
+    ingest(store, requests_mock, _synthetic(4, seed=4, min_size=48, max_size=64), first_task=100)
+    rep3 = run_once(_cfg(tmp_path, tiny_base, tolerance=-1.0), store=store)
+    assert rep3["decision"] == "rejected" and "held-out mIoU" in rep3["reason"]
+    assert rep3["parent"]["version"] == ptr["version"]  # started from the published model
+    assert json.loads((tmp_path / "versions" / "current.json").read_text())["version"] == ptr["version"]
+    assert store.count_new_samples() == 0
+    runs = {r["run_id"]: r for r in store.list_runs()}
+    assert runs[rep3["run_id"]]["published"] == 0 and "held-out" in runs[rep3["run_id"]]["reason"]
+    store.close()
+
+
+def test_failed_round_releases_the_claim(tmp_path, tiny_base, requests_mock, monkeypatch):
+    store = open_datastore(None, tmp_path)
+    ingest(store, requests_mock, _synthetic(8, seed=5, min_size=48, max_size=64))
+    import ssp_sam.train
+
+    def boom(*a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(ssp_sam.train, "train", boom)
+    with pytest.raises(RuntimeError):
+        run_once(_cfg(tmp_path, tiny_base), store=store)
+    assert store.count_new_samples() == 8  # nothing lost
+    assert store.list_runs()[-1]["status"] == "failed"
+    store.close()
+
+
+def test_cli_and_watch(tmp_path, tiny_base, requests_mock, monkeypatch):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    register_cli(sub)
+    args = parser.parse_args(["finetune", "--once", "--model-dir", str(tmp_path), "--variant", "tiny",
+                              "--base-checkpoint", tiny_base, "--heldout", "0.3", "--max-steps", "1",
+                              "--min-train", "2", "--min-heldout", "1", "--device", "cpu", "--tolerance", "1"])
+    assert args.heldout_fraction == 0.3 and args.max_steps == 1 and args.tolerance == 1.0
+    # no samples: a skipped round is a success (exit 0)
+    assert args.func(args) == 0
+
+    store = open_datastore(None, tmp_path)
+    ingest(store, requests_mock, _synthetic(8, seed=6, min_size=48, max_size=64))
+    stop = threading.Event()
+    cfg = _cfg(tmp_path, tiny_base, tolerance=1.0, every_samples=100, every_minutes=999, poll_s=0.05,
+               max_rounds=1)
+    store.add_training_request(1)  # START_TRAINING triggers a round although only 8 < 100 samples are new
+    reports = watch(cfg, store=store, stop=stop)
+    assert [r["decision"] for r in reports] == ["published"]
+    assert store.pending_training_requests() == []
+    store.close()
+
+
+def test_entry_point_is_registered():
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep for ep in entry_points(group="ssp_sam.commands")}
+    assert eps["finetune"].load() is register_cli
+
+
+@pytest.mark.postgres
+def test_round_on_postgres(tmp_path, tiny_base, requests_mock):
+    import uuid
+
+    try:
+        store = open_datastore("postgresql://postgres@127.0.0.1:5432/test", tmp_path,
+                               schema=f"t_{uuid.uuid4().hex[:12]}")
+    except Exception as exc:  # pragma: no cover
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    try:
+        ingest(store, requests_mock, _synthetic(10, seed=8, min_size=48, max_size=64))
+        rep = run_once(_cfg(tmp_path, tiny_base, tolerance=1.0), store=store)
+        assert rep["decision"] == "published"
+        assert store.list_versions()[0]["version"] == rep["version"] and store.count_new_samples() == 0
+    finally:
+        store.drop_schema()
+        store.close()

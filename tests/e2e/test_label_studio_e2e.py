@@ -1,0 +1,360 @@
+"""End to end against a real Label Studio 1.23.2 (headless, SQLite, 127.0.0.1) and this backend in a subprocess.
+
+Sequence (protocol doc §12): start LS (fresh data dir, pre-migrated template DB) and the backend (gunicorn with 2
+workers, or ``python -m backend`` with E2E_BACKEND_SERVER=dev; MODEL_DIR in tmp, no LS URL/token in its env: it must use what LS sends in /setup) -> create a project with
+the recommended config -> upload synthetic scenes with known masks and import tasks with sentences -> connect the
+backend (``is_interactive``) -> "Retrieve predictions" -> predictions stored, RLE decodes at the natural size, IoU
+with the ground truth (asserted when the demo model exists) -> interactive prediction with a typed sentence ->
+retrieve again, nothing duplicated -> submit an annotation -> the backend received and queued the event ->
+interactive call on a task whose image is gone (one empty result with a message) -> publish a new version: hot
+reload, LS sees the new model_version, one new prediction per task. A second test checks media download with a
+personal access token (real SDK token refresh against LS).
+
+Skips only when the Label Studio environment (.venv-ls, scripts/ensure_label_studio.sh) cannot be created, and
+never when ``CI`` is set.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from tests.e2e.ls_harness import (LABEL_CONFIG, PASSWORD, ROOT, TOKEN, USER, ensure_ls_venv, free_port,
+                                  start_label_studio, stop, tail, wait_http)
+
+pytestmark = pytest.mark.e2e
+
+DEMO = ROOT / "ssp_sam" / "assets" / "ssp_sam_demo.pt"
+CHECKPOINT = os.environ.get("E2E_SSP_SAM_CHECKPOINT")          # serve this bundle instead of the packaged demo
+TRAINED = DEMO.exists() or bool(CHECKPOINT)                    # a trained model: the IoU bar is asserted
+MIN_IOU = float(os.environ.get("E2E_MIN_IOU", "0.7"))
+N_SCENES = 6
+SERVER = os.environ.get("E2E_BACKEND_SERVER", "gunicorn")      # "gunicorn" (2 workers) or "dev" (python -m backend)
+_tail = tail
+
+
+def _scenes(n: int):
+    """Synthetic scenes with known masks (ssp_sam.data.synthetic), or simple PIL shapes when it is unavailable."""
+    try:
+        from ssp_sam.data.synthetic import generate_sample
+        out, i = [], 0
+        while len(out) < n and i < 500:
+            s = generate_sample(2024, 10_000 + i)
+            i += 1
+            if s.mask.any() and s.meta.get("kind") in ("attr", "abs_pos") and s.mask.mean() > 0.02:
+                out.append((s.image, s.sentence, s.mask.astype(bool)))
+        if len(out) == n:
+            return out
+    except ImportError:
+        pass
+    out = []
+    for i in range(n):
+        h, w = 96 + 8 * i, 128
+        im = np.full((h, w, 3), 30, np.uint8)
+        yy, xx = np.mgrid[:h, :w]
+        mask = (xx - 40) ** 2 + (yy - h // 2) ** 2 < 20 ** 2
+        im[mask] = (220, 30, 30)
+        out.append((im, "the red circle", mask))
+    return out
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _publish_version(model_dir: Path, version: str) -> str:
+    """What the trainer does: versions/<v>/model.pt, then an atomic replacement of versions/current.json."""
+    vdir = model_dir / "versions" / version
+    vdir.mkdir(parents=True, exist_ok=True)
+    if TRAINED:
+        shutil.copy(CHECKPOINT or DEMO, vdir / "model.pt")
+    else:
+        from ssp_sam.build import ModelConfig, load_model
+        from ssp_sam.checkpoints import save_bundle
+        loaded = load_model(ModelConfig(variant="tiny", device="cpu"))
+        save_bundle(loaded.model, loaded.tokenizer, vdir / "model.pt", meta={"version": version})
+    tmp = model_dir / "versions" / "current.json.tmp"
+    tmp.write_text(json.dumps({"version": version, "path": f"{version}/model.pt", "created_at": time.time(),
+                               "metrics": {}}))
+    os.replace(tmp, model_dir / "versions" / "current.json")
+    return version
+
+
+def _metrics(be: str) -> dict:
+    """Serving counters summed over the backend's worker processes (each gunicorn worker counts its own): poll
+    /metrics until every worker has answered."""
+    workers = 2 if SERVER == "gunicorn" else 1
+    seen: dict = {}
+    for _ in range(60):
+        serving = requests.get(be + "/metrics", timeout=10).json()["serving"]
+        seen[serving["pid"]] = serving["counters"]
+        if len(seen) >= workers:
+            break
+        time.sleep(0.05)
+    total: dict = {}
+    for counters in seen.values():
+        for k, v in counters.items():
+            total[k] = total.get(k, 0) + v
+    for k in ("events_enqueued", "task_errors", "tasks", "regions"):
+        total.setdefault(k, 0)
+    return total
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+# ---------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def ls_venv():
+    ok, msg = ensure_ls_venv()
+    if not ok:
+        msg = f"cannot create the Label Studio environment (.venv-ls): {msg}"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+@pytest.fixture(scope="module")
+def servers(ls_venv, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    be_port = free_port()
+    model_dir = tmp / "model_dir"
+    procs: list = []
+    t0 = time.monotonic()
+    try:
+        ls_proc, ls_url, ls_log = start_label_studio(tmp)
+        procs.append(ls_proc)
+        # the backend: no LABEL_STUDIO_URL / API key: it uses what LS sends in /setup
+        be_env = {k: v for k, v in os.environ.items() if not k.startswith("LABEL_STUDIO")}
+        be_env.update({"MODEL_DIR": str(model_dir), "LOG_LEVEL": "INFO", "PRELOAD_MODEL": "true",
+                       "DEVICE": "cpu", "PYTHONUNBUFFERED": "1"})
+        if CHECKPOINT:
+            be_env["SSP_SAM_CHECKPOINT"] = CHECKPOINT
+        elif not DEMO.exists():
+            be_env["SSP_SAM_VARIANT"] = "tiny"     # no demo model yet: random weights, the IoU bar is not asserted
+        be_log = tmp / "backend.log"
+        if SERVER == "gunicorn":
+            # production path, two workers: /setup reaches one of them, interactive calls (no /setup) any of them
+            be_env.update({"HOST": "127.0.0.1", "PORT": str(be_port), "WORKERS": "2", "THREADS": "4"})
+            cmd = [str(Path(sys.executable).with_name("gunicorn")), "-c", "python:backend.gunicorn_conf",
+                   "backend.wsgi:app"]
+        else:
+            cmd = [sys.executable, "-m", "backend", "--host", "127.0.0.1", "--port", str(be_port)]
+        procs.append(subprocess.Popen(cmd, env=be_env, cwd=str(ROOT), stdout=open(be_log, "wb"),
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+        wait_http(f"http://127.0.0.1:{be_port}/health", procs[1], 60, be_log)
+        wait_http(f"{ls_url}/health", procs[0], 120, ls_log)
+        print(f"servers ready in {time.monotonic() - t0:.1f} s")
+        yield {"ls": ls_url, "backend": f"http://127.0.0.1:{be_port}", "model_dir": model_dir, "ls_log": ls_log,
+               "be_log": be_log}
+    finally:
+        for p in reversed(procs):
+            stop(p)
+
+
+# ---------------------------------------------------------------------- the test
+def test_label_studio_end_to_end(servers):
+    t0 = time.monotonic()
+    ls, be = servers["ls"], servers["backend"]
+    s = requests.Session()
+    s.headers["Authorization"] = f"Token {TOKEN}"
+
+    def call(method, path, expect=(200, 201), **kw):
+        r = s.request(method, ls + path, timeout=120, **kw)
+        assert r.status_code in expect, f"{method} {path} -> {r.status_code}: {r.text[:500]}\n" \
+                                        f"backend log:\n{_tail(servers['be_log'], 30)}"
+        return r.json() if r.content else None
+
+    assert call("GET", "/api/current-user/whoami")["email"] == USER
+
+    # project, images, tasks
+    pid = call("POST", "/api/projects", json={"title": "ssp-sam-e2e", "label_config": LABEL_CONFIG})["id"]
+    scenes = _scenes(N_SCENES)
+    files = [(f"file{i}", (f"scene{i}.png", _png(im), "image/png")) for i, (im, _, _) in enumerate(scenes)]
+    up = call("POST", f"/api/projects/{pid}/import", files=files)
+    assert up["task_count"] == N_SCENES
+    uploaded = call("GET", f"/api/tasks?project={pid}&page_size=100")["tasks"]
+    urls = {}
+    for t in uploaded:
+        name = t["data"]["image"]
+        idx = next(i for i in range(N_SCENES) if name.endswith(f"-scene{i}.png"))
+        urls[idx] = name
+        call("DELETE", f"/api/tasks/{t['id']}", expect=(204, 200))
+    call("POST", f"/api/projects/{pid}/import",
+         json=[{"image": urls[i], "text": sentence, "scene": i} for i, (_, sentence, _) in enumerate(scenes)])
+    tasks = call("GET", f"/api/tasks?project={pid}&page_size=100")["tasks"]
+    assert len(tasks) == N_SCENES
+    by_scene = {t["data"]["scene"]: t for t in tasks}
+
+    # connect the backend (LS calls /health and /setup; creates the webhook)
+    setup_version = requests.post(be + "/setup", json={"project": f"{pid}.0", "schema": LABEL_CONFIG},
+                                  timeout=10).json()["model_version"]
+    ml = call("POST", "/api/ml", json={"url": be, "project": pid, "title": "ssp-sam", "is_interactive": True})
+    ml_id = ml["id"]
+    assert ml.get("state") == "CO", ml
+    assert ml.get("model_version") == setup_version
+    hooks = call("GET", f"/api/webhooks?project={pid}")
+    assert any(h["url"].rstrip("/") == be + "/webhook" for h in hooks), hooks
+
+    # retrieve predictions (one batched /predict, stored by LS)
+    t1 = time.monotonic()
+    r = call("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}",
+             json={"selectedItems": {"all": True, "excluded": []}})
+    retrieve_s = time.monotonic() - t1
+    ious = []
+    for i, (image, sentence, gt) in enumerate(scenes):
+        tid = by_scene[i]["id"]
+        preds = call("GET", f"/api/predictions?task={tid}")
+        assert len(preds) == 1, preds
+        p = preds[0]
+        assert p["model_version"] == setup_version
+        brush = [x for x in p["result"] if x["type"] == "brushlabels"]
+        text = [x for x in p["result"] if x["type"] == "textarea"]
+        h, w = gt.shape
+        if brush:
+            b = brush[0]
+            assert (b["original_width"], b["original_height"]) == (w, h)
+            assert b["value"]["brushlabels"] == ["object"]
+            assert text and text[0]["value"]["text"] == [sentence]
+            from backend.brush import rle_to_mask
+            mask = np.zeros((h, w), bool)
+            for x in brush:
+                mask |= rle_to_mask(x["value"]["rle"], h, w)     # raises if not at the natural size
+            ious.append(_iou(mask, gt))
+        else:
+            ious.append(0.0)
+    mean_iou = float(np.mean(ious))
+    print(f"retrieve predictions: {retrieve_s:.1f} s for {N_SCENES} tasks; IoU per scene {np.round(ious, 3)}, "
+          f"mean {mean_iou:.3f} (trained model: {TRAINED})")
+    if TRAINED:
+        assert mean_iou >= MIN_IOU, ious
+
+    # interactive prediction with a typed sentence (not stored)
+    tid0 = by_scene[0]["id"]
+    typed = scenes[0][1]
+    ctx = {"result": [{"type": "textarea", "from_name": "prompt", "to_name": "image", "value": {"text": [typed]},
+                       "origin": "manual"}]}
+    inter = call("POST", f"/api/ml/{ml_id}/interactive-annotating", json={"task": tid0, "context": ctx})
+    data = inter.get("data") or {}
+    assert isinstance(data.get("result"), list), inter
+    assert data.get("model_version") == setup_version
+    if TRAINED:
+        assert any(x["type"] == "brushlabels" for x in data["result"])
+        assert any(x["type"] == "textarea" and x["value"]["text"] == [typed] for x in data["result"])
+    # a sentence with no target: still one result (empty) and no error in LS
+    ctx_none = {"result": [{"type": "textarea", "from_name": "prompt", "to_name": "image",
+                            "value": {"text": ["zzz qqq xxyyzz nothing at all"]}}]}
+    call("POST", f"/api/ml/{ml_id}/interactive-annotating", json={"task": tid0, "context": ctx_none})
+
+    # retrieve again: same model_version -> nothing duplicated
+    call("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}",
+         json={"selectedItems": {"all": True, "excluded": []}})
+    for t in tasks:
+        assert len(call("GET", f"/api/predictions?task={t['id']}")) == 1
+
+    # submit an annotation (accepting the prediction): LS posts ANNOTATION_CREATED to /webhook synchronously
+    pred0 = call("GET", f"/api/predictions?task={tid0}")[0]
+    result = pred0["result"] or [{"from_name": "prompt", "to_name": "image", "type": "textarea",
+                                  "value": {"text": [typed]}}]
+    ann = call("POST", f"/api/tasks/{tid0}/annotations",
+               json={"result": result, "was_cancelled": False, "ground_truth": False, "lead_time": 1.5,
+                     "parent_prediction": pred0["id"]})
+    assert ann["id"]
+    # the event is durably in the backend's datastore (shared by all worker processes)
+    from backend.datastore import open_datastore
+    store = open_datastore(None, model_dir=servers["model_dir"])
+    try:
+        events = [store.get_event(i) for i in range(1, 6)]
+        created = [e for e in events if e and e["action"] == "ANNOTATION_CREATED"]
+        assert created and created[0]["payload"]["annotation"]["id"] == ann["id"], events
+        assert isinstance(store.version_stats(), dict)
+    finally:
+        store.close()
+    metrics = _metrics(be)
+    assert metrics["events_enqueued"] >= 1 and metrics["task_errors"] == 0, _tail(servers["be_log"])
+
+    # an interactive call on a task whose image is gone: one empty result with a message, LS passes it through
+    call("POST", f"/api/projects/{pid}/import", json=[{"image": f"/data/upload/{pid}/gone.png", "text": "x"}])
+    gone = [t for t in call("GET", f"/api/tasks?project={pid}&page_size=100")["tasks"]
+            if t["data"]["image"].endswith("gone.png")][0]
+    inter = call("POST", f"/api/ml/{ml_id}/interactive-annotating", json={"task": gone["id"], "context": ctx})
+    data = inter.get("data") or {}
+    assert data.get("result") == [] and "gone.png" in data.get("message", ""), inter
+    assert _metrics(be)["task_errors"] == 1
+
+    # the trainer publishes a new version: the backend hot-reloads it, LS sees the new model_version, and
+    # "Retrieve predictions" adds one prediction per task under it
+    t2 = time.monotonic()
+    new_version = _publish_version(servers["model_dir"], "e2e-ft-001")
+    workers = 2 if SERVER == "gunicorn" else 1
+    seen: dict = {}
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        h = requests.get(be + "/health", timeout=5).json()
+        seen[h["pid"]] = (h["model_version"], h["loading"])
+        if len(seen) >= workers and all(v == new_version and not loading for v, loading in seen.values()):
+            break
+        time.sleep(0.2)
+    assert len(seen) >= workers and all(v == new_version for v, _ in seen.values()), seen
+    assert call("GET", f"/api/ml/{ml_id}")["model_version"] == new_version
+    call("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}",
+         json={"selectedItems": {"all": True, "excluded": []}})
+    for t in tasks:
+        versions = sorted(p["model_version"] for p in call("GET", f"/api/predictions?task={t['id']}"))
+        assert versions == sorted([setup_version, new_version]), versions
+    print(f"hot reload to {new_version} and re-retrieve: {time.monotonic() - t2:.1f} s")
+    print(f"e2e sequence: {time.monotonic() - t0:.1f} s")
+
+
+def _personal_access_token(ls: str) -> str:
+    """Log in like a browser and create a personal access token (JWT refresh token), protocol doc §12.3."""
+    s = requests.Session()
+    s.get(ls + "/user/login/", timeout=10)
+    csrf = s.cookies.get("csrftoken")
+    r = s.post(ls + "/user/login/", data={"email": USER, "password": PASSWORD, "csrfmiddlewaretoken": csrf},
+               headers={"Referer": ls + "/user/login/"}, timeout=10)
+    assert r.status_code in (200, 302), r.text[:300]
+    r = s.post(ls + "/api/token/", headers={"X-CSRFToken": s.cookies.get("csrftoken"), "Referer": ls + "/"},
+               timeout=10)
+    assert r.status_code in (200, 201), r.text[:300]
+    body = r.json()
+    return body.get("token") or body.get("refresh")
+
+
+def test_media_with_personal_access_token(servers, tmp_path):
+    """The backend's media adapter exchanges a PAT for an access token (real SDK token client) and downloads an
+    uploaded image with Bearer auth from the real Label Studio."""
+    from backend.config import BackendConfig
+    from backend.media import MediaFetcher, jwt_token_type
+
+    ls = servers["ls"]
+    legacy = {"Authorization": f"Token {TOKEN}"}
+    pid = requests.post(ls + "/api/projects", json={"title": "pat", "label_config": LABEL_CONFIG}, headers=legacy,
+                        timeout=10).json()["id"]
+    img = np.zeros((21, 34, 3), np.uint8)
+    img[5:15, 5:20] = (0, 200, 0)
+    r = requests.post(f"{ls}/api/projects/{pid}/import", files={"file": ("pat.png", _png(img), "image/png")},
+                      headers=legacy, timeout=30)
+    assert r.status_code == 201, r.text[:300]
+    url = requests.get(f"{ls}/api/tasks?project={pid}", headers=legacy, timeout=10).json()["tasks"][0]["data"]["image"]
+
+    pat = _personal_access_token(ls)
+    assert jwt_token_type(pat) == "refresh"
+    cfg = BackendConfig.from_env({"MODEL_DIR": str(tmp_path), "LABEL_STUDIO_URL": ls, "LABEL_STUDIO_API_KEY": pat})
+    got = MediaFetcher(cfg).load_image(url)
+    assert got.shape == (21, 34, 3) and np.array_equal(got, img)
