@@ -552,7 +552,26 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                                                                           None)
         if typ is None:  # Optional[...] fields
             typ = int if "int" in str(f.type) else (float if "float" in str(f.type) else str)
-        p.add_argument(opt, dest=f.name, type=typ, default=f.default)
+        p.add_argument(opt, dest=f.name, type=typ, default=f.default, help=_HELP.get(f.name, f"default {f.default}"))
+
+
+_HELP = {
+    "heldout_fraction": "share of tasks held out by task-id hash, never trained on (default 0.2)",
+    "tolerance": "publish when held-out mIoU >= before - tolerance (0..1 scale; default 0.0)",
+    "min_new_samples": "a round needs this many new samples (default 1)",
+    "min_train": "minimum training samples (default 4)",
+    "min_heldout": "minimum held-out samples to validate (default 2)",
+    "epochs": "passes over the training samples (default 10)",
+    "max_steps": "stop after this many optimiser steps",
+    "train_sam_encoder": "true: also train SAM's image encoder (slower; default false: embeddings cached)",
+    "train_clip": "true/false: train CLIP (default: what the variant says)",
+    "curve_every": "evaluate held-out mIoU every N epochs for the curve (0: off)",
+    "lease_s": "claim lease in seconds, renewed by a heartbeat (default 1800)",
+    "every_samples": "--watch: start a round when this many new samples are waiting (default 50)",
+    "every_minutes": "--watch: start a round after this many minutes if anything is new (default 60)",
+    "poll_s": "--watch: seconds between datastore polls (default 10)",
+    "max_rounds": "--watch: stop after this many rounds",
+}
 
 
 def _bool(s: str) -> bool:

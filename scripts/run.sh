@@ -6,12 +6,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-if [ ! -x .venv/bin/gunicorn ]; then
-  echo "creating .venv (first run)"
-  python3 -m venv .venv
-  .venv/bin/pip install -r requirements.txt
-  .venv/bin/pip install --no-deps -e .
-fi
+scripts/setup.sh        # creates/updates .venv from the pinned requirements (a no-op when up to date)
 
 export HOST="${HOST:-127.0.0.1}"
 export PORT="${PORT:-9090}"

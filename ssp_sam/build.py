@@ -71,6 +71,7 @@ class VariantSpec:
     train_clip: bool = False
     train_sam_encoder: bool = False
     official: bool = False                      # a combination the paper released
+    scratch_init: bool = False                  # init for training CLIP from scratch (SSPSAM.init_for_scratch_training)
 
     @property
     def frame_size(self) -> int:
@@ -118,7 +119,7 @@ VARIANTS: dict[str, VariantSpec] = {
         clip_image_size=64, clip_patch_size=8, clip_vision_width=96, clip_vision_layers=4, clip_vision_heads=4,
         clip_text_width=96, clip_text_layers=2, clip_text_heads=4, clip_embed_dim=96, clip_vocab_size=256,
         surgery_layers=2, tokenizer="word", ssp_hidden_dim=96, ssp_heads=4, num_prompts=16, prompt_layers=2,
-        prompt_heads=4, prompt_ffn_dim=256, train_clip=True, train_sam_encoder=True),
+        prompt_heads=4, prompt_ffn_dim=256, train_clip=True, train_sam_encoder=True, scratch_init=True),
     # Tiny random model for unit tests.
     "tiny": VariantSpec(
         name="tiny", sam_encoder=dict(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,)),
@@ -127,7 +128,7 @@ VARIANTS: dict[str, VariantSpec] = {
         clip_image_size=32, clip_patch_size=8, clip_vision_width=32, clip_vision_layers=2, clip_vision_heads=2,
         clip_text_width=32, clip_text_layers=1, clip_text_heads=2, clip_embed_dim=32, clip_vocab_size=256,
         surgery_layers=1, tokenizer="word", ssp_hidden_dim=32, ssp_heads=2, num_prompts=8, prompt_layers=1,
-        prompt_heads=2, prompt_ffn_dim=64, train_clip=True, train_sam_encoder=True),
+        prompt_heads=2, prompt_ffn_dim=64, train_clip=True, train_sam_encoder=True, scratch_init=True),
 }
 
 
@@ -210,6 +211,10 @@ def set_trainable(model: SSPSAM, *, train_mask_decoder: bool = True) -> None:
         p.requires_grad_(False)
     for p in model.sam.mask_decoder.parameters():
         p.requires_grad_(train_mask_decoder)
+    # single-mask output: the IoU head and the hypernetworks of mask tokens 1-3 never receive a gradient
+    dec = model.sam.mask_decoder
+    for p in list(dec.iou_prediction_head.parameters()) + list(dec.output_hypernetworks_mlps[1:].parameters()):
+        p.requires_grad_(False)
     for p in model.unused.parameters():
         p.requires_grad_(False)
 

@@ -42,8 +42,9 @@ class VisualAttentionAdapter(nn.Module):
         self.tf_pow = 2.0
 
     def forward(self, image_tokens: torch.Tensor, sentence: torch.Tensor, words: torch.Tensor,
-                word_padding: torch.Tensor) -> torch.Tensor:
-        """image_tokens (B, 1+N, C), sentence (B, C), projected words (B, L, H), padding mask (B, L) -> (B, N, H)."""
+                word_padding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image_tokens (B, 1+N, C), sentence (B, C), projected words (B, L, H), padding mask (B, L) ->
+        (verified visual tokens (B, N, H), similarity map (B, N, 1))."""
         patches, sim = similarity_map(image_tokens, sentence)
         visual = self.clip_img_proj(patches * sim)                       # (B, N, H)
         visual_sf = visual.transpose(0, 1)                               # sequence-first (N, B, H)
@@ -53,7 +54,7 @@ class VisualAttentionAdapter(nn.Module):
         v = self.img_proj(visual_sf)
         cos = (F.normalize(v, p=2, dim=-1) * F.normalize(t, p=2, dim=-1)).sum(dim=-1, keepdim=True)
         score = self.tf_scale * torch.exp(-(1 - cos).pow(self.tf_pow) / (2 * self.tf_sigma ** 2))
-        return (self.norm_img(visual_sf) * score).transpose(0, 1)       # (B, N, H)
+        return (self.norm_img(visual_sf) * score).transpose(0, 1), sim  # (B, N, H), (B, N, 1)
 
 
 class PhraseAttention(nn.Module):

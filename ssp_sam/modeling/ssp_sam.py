@@ -20,6 +20,7 @@ class SSPSAMOutput:
     low_res_logits: torch.Tensor | None  # (B, 1, 4h, 4w) mask-decoder output
     box: torch.Tensor                    # (B, 4) sigmoid (cx, cy, w, h) in the padded CLIP square
     prompts: torch.Tensor | None         # (B, P, D) sparse prompts fed to SAM's mask decoder
+    similarity: torch.Tensor | None = None  # (B, N, 1) min-max text-image similarity map over CLIP patches
 
 
 class _UnusedOfficialModules(nn.Module):
@@ -66,6 +67,24 @@ class SSPSAM(nn.Module):
         self.prompt_generator = PromptGenerator(spec.prompt_dim, spec.num_prompts, num_tokens, spec.prompt_layers,
                                                 spec.prompt_heads, spec.prompt_ffn_dim)
         self.unused = _UnusedOfficialModules(spec.prompt_dim)
+        if spec.scratch_init:
+            self.init_for_scratch_training()
+
+    def init_for_scratch_training(self) -> None:
+        """Initialisation for models trained with CLIP from scratch (the demo), where the official one stalls.
+
+        With untrained CLIP features, the token-axis-normalised patches are ~1/sqrt(N) in size, so the biases of
+        ``clip_img_proj`` and ``fusion`` dominate their outputs and LayerNorm makes every visual token nearly the
+        same vector (measured: 7% relative spatial variation instead of 65%); the N(0, 1) positional and token
+        tables then drown the fused tokens. Zero biases and 0.02-std tables keep "where" in the prompts from step 0.
+        Official weights overwrite all of this; the official variants keep the official initialisation.
+        """
+        for layer in self.vad.clip_img_proj.layers:
+            nn.init.zeros_(layer.bias)
+        nn.init.zeros_(self.fusion.bias)
+        pg = self.prompt_generator
+        for table in (pg.vl_pos_embed, pg.prompt_token, pg.reg_token):
+            nn.init.normal_(table.weight, std=0.02)
 
     @property
     def frame_size(self) -> int:
@@ -98,19 +117,19 @@ class SSPSAM(nn.Module):
         words, sentence = text_features if text_features is not None else self.encode_text(token_ids)
         word_mask = token_ids != 0
         words = self.clip_proj(words)
-        visual = self.vad(image_tokens, sentence, words, ~word_mask)
+        visual, similarity = self.vad(image_tokens, sentence, words, ~word_mask)
         phrase, _ = self.lad(words, word_mask)
         fused = self.fusion(torch.tanh(visual) * torch.tanh(phrase))
         box, prompts = self.prompt_generator(fused, box_only=box_only)
         if box_only:
-            return SSPSAMOutput(None, None, box, None)
+            return SSPSAMOutput(None, None, box, None, similarity)
         if image_embeddings is None:
             if sam_images is None:
                 raise ValueError("give image_embeddings or sam_images")
             with torch.set_grad_enabled(self.spec.train_sam_encoder and self.training and torch.is_grad_enabled()):
                 image_embeddings = self.sam.image_encoder(sam_images)
         low_res = self.decode_masks(image_embeddings, prompts)
-        return SSPSAMOutput(self.postprocess_logits(low_res), low_res, box, prompts)
+        return SSPSAMOutput(self.postprocess_logits(low_res), low_res, box, prompts, similarity)
 
     def decode_masks(self, image_embeddings: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """SAM's mask decoder with the prompts as sparse embeddings and the no-mask dense embedding; mask token 0

@@ -8,7 +8,6 @@ import torch
 
 from ssp_sam.build import build_model
 from ssp_sam.data.synthetic import SyntheticDataset
-from ssp_sam.tokenizer import load_tokenizer
 from ssp_sam.train import (PRESETS, TrainConfig, TrainView, collate, config_from_args, config_from_preset,
                            evaluate_model, lr_factor, param_groups, register_cli, train)
 
@@ -120,4 +119,3 @@ def test_cli_config_parsing():
     assert cfg.max_steps == 7 and cfg.batch_size == PRESETS["demo"]["batch_size"]
     with pytest.raises(ValueError):
         config_from_preset("nope")
-    _ = load_tokenizer

@@ -3,7 +3,6 @@
 import argparse
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -64,4 +63,3 @@ def test_eval_cli_writes_json(tmp_path, capsys):
     assert out["metrics"]["n"] == 5 and 0 <= out["metrics"]["mIoU"] <= 1
     printed = capsys.readouterr().out
     assert "mIoU" in printed and "original resolution" in printed
-    _ = np
