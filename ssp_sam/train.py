@@ -356,8 +356,9 @@ def lr_factor(t: float, total: float, warmup: float, base: float, lr_min: float)
 
 
 def _set_decoder_trainable(model, trainable: bool) -> None:
-    for p in model.sam.mask_decoder.parameters():
-        p.requires_grad_(trainable)
+    from ssp_sam.build import set_trainable
+
+    set_trainable(model, train_mask_decoder=trainable)  # the model's own rules (e.g. unused decoder heads stay off)
 
 
 def _rng_state() -> dict[str, Any]:

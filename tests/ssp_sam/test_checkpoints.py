@@ -7,6 +7,7 @@ from ssp_sam import checkpoints
 from ssp_sam.build import ModelConfig, build_model, load_model
 from ssp_sam.checkpoints import CheckpointError, convert_openai_clip, map_official_key
 from ssp_sam.tokenizer import load_tokenizer
+from ssp_sam.versioning import weights_version
 from tests.ssp_sam.helpers_clip import hf_to_openai, save_torchscript
 
 
@@ -145,9 +146,12 @@ def test_unsafe_pickle_is_refused(tmp_path):
 def test_bundle_roundtrip_through_load_model(tmp_path):
     src = build_model("tiny", seed=14)
     tok = load_tokenizer(src.spec)
-    path = checkpoints.save_bundle(src, tok, tmp_path / "m.pt", meta={"version": "tiny-v7"})
-    loaded = load_model(ModelConfig(variant="ignored-for-bundles", checkpoint=str(path), device="cpu"))
-    assert loaded.version == "tiny-v7" and loaded.spec == src.spec
+    path = checkpoints.save_bundle(src, tok, tmp_path / "m.pt", meta={"note": "x"})
+    loaded = load_model(ModelConfig(variant="tiny", checkpoint=str(path), device="cpu"))
+    # the version names the file's content, computable without loading it (what the backend reports in /setup)
+    assert loaded.version == weights_version("tiny", str(path)) and loaded.version.startswith("tiny-")
+    assert loaded.spec == src.spec and loaded.meta["note"] == "x"
+    assert load_model(ModelConfig(variant="tiny", checkpoint=str(path), version="v7")).version == "v7"
     assert _same(src, loaded.model)
     assert loaded.tokenizer(["the red circle"]).tolist() == tok(["the red circle"]).tolist()
     half = checkpoints.save_bundle(src, tok, tmp_path / "h.pt", half=True)

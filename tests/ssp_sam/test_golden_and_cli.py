@@ -10,6 +10,7 @@ from ssp_sam.build import build_model
 from ssp_sam.cli import main
 from ssp_sam.golden import rule_tensor, run_check
 from ssp_sam.tokenizer import load_tokenizer
+from ssp_sam.versioning import weights_version
 
 
 def test_weight_rule_matches_reference_digest():
@@ -43,17 +44,16 @@ def test_check_golden_command_fails_on_a_wrong_folder(tmp_path, golden_dir):
 
 def test_predict_cli_writes_mask_and_overlay(tmp_path, capsys):
     model = build_model("tiny", seed=0)
-    bundle = checkpoints.save_bundle(model, load_tokenizer(model.spec), tmp_path / "tiny.pt",
-                                     meta={"version": "tiny-cli"})
+    bundle = checkpoints.save_bundle(model, load_tokenizer(model.spec), tmp_path / "tiny.pt")
     img = np.zeros((40, 60, 3), np.uint8)
     img[10:30, 20:40] = (255, 0, 0)
     Image.fromarray(img).save(tmp_path / "in.png")
     out = tmp_path / "out" / "overlay.png"
     rc = main(["predict", str(tmp_path / "in.png"), "the red square", "--out", str(out),
-               "--checkpoint", str(bundle), "--device", "cpu"])
+               "--variant", "tiny", "--checkpoint", str(bundle), "--device", "cpu"])
     assert rc == 0
     assert Image.open(out).size == (60, 40)
     mask = np.asarray(Image.open(tmp_path / "out" / "overlay_mask.png"))
     assert mask.shape == (40, 60) and set(np.unique(mask)) <= {0, 255}
-    assert "tiny-cli" in capsys.readouterr().out
+    assert weights_version("tiny", str(bundle)) in capsys.readouterr().out
     torch.set_grad_enabled(True)
