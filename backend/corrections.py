@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from backend.datastore import Datastore, EVENT_IGNORED, mask_iou
+from backend.datastore import Datastore, EVENT_IGNORED, as_int as _int, mask_iou
 
 log = logging.getLogger(__name__)
 
@@ -493,15 +493,6 @@ def _id_of(v):
     if isinstance(v, Mapping):
         v = v.get("id")
     return _int(v)
-
-
-def _int(v):
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        return int(v)
-    except (TypeError, ValueError):
-        return None
 
 
 def _float(v):

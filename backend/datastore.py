@@ -357,7 +357,7 @@ class Datastore:
         key = event_dedup_key(action, payload, now)
         body = canonical_json(payload)
         project = payload.get("project")
-        project_id = _as_int(project.get("id") if isinstance(project, Mapping) else project)
+        project_id = as_int(project.get("id") if isinstance(project, Mapping) else project)
         with self._tx() as c:
             cur = self._exec(c, "INSERT INTO {events} (dedup_key, action, payload, project_id, received_at, status,"
                                 " attempts, next_attempt_at) VALUES (?, ?, ?, ?, ?, 'pending', 0, ?)"
@@ -382,7 +382,7 @@ class Datastore:
             cur = self._exec(c, "INSERT INTO {predictions} (project_id, task_id, sentence, model_version, mask_blob,"
                                 " width, height, mask_area, score, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)"
                                 " RETURNING id",
-                             (_as_int(project_id), _as_int(task_id), sentence, str(model_version), sha, int(w),
+                             (as_int(project_id), as_int(task_id), sentence, str(model_version), sha, int(w),
                               int(h), int(np.count_nonzero(mask)), None if score is None else float(score), _now()))
             return int(_first(cur.fetchone()))
 
@@ -390,7 +390,7 @@ class Datastore:
         """The latest recorded prediction for a task (preferring the same sentence, then the same version)."""
         with self._tx(write=False) as c:
             rows = self._rows(self._exec(c, "SELECT * FROM {predictions} WHERE task_id = ? ORDER BY id DESC",
-                                         (_as_int(task_id),)))
+                                         (as_int(task_id),)))
         if model_version is not None:
             rows = [r for r in rows if r["model_version"] == str(model_version)] or []
         if sentence is not None:
@@ -512,12 +512,12 @@ class Datastore:
                     return out
                 self._exec(c, "UPDATE {annotations} SET project_id = ?, task_id = ?, state = ?, ls_updated_at = ?,"
                               " event_id = ?, n_samples = ?, seen_at = ? WHERE annotation_id = ?",
-                           (_as_int(project_id), _as_int(task_id), state, ls_updated_at, event_id,
+                           (as_int(project_id), as_int(task_id), state, ls_updated_at, event_id,
                             len(samples) if state == "active" else 0, now, aid))
             else:
                 self._exec(c, "INSERT INTO {annotations} (annotation_id, project_id, task_id, state, ls_updated_at,"
                               " event_id, n_samples, seen_at) VALUES (?,?,?,?,?,?,?,?)",
-                           (aid, _as_int(project_id), _as_int(task_id), state, ls_updated_at, event_id,
+                           (aid, as_int(project_id), as_int(task_id), state, ls_updated_at, event_id,
                             len(samples) if state == "active" else 0, now))
             existing = {r["sample_key"]: r for r in self._rows(self._exec(
                 c, "SELECT id, sample_key, content_hash, active FROM {samples} WHERE annotation_id = ?", (aid,)))}
@@ -528,8 +528,8 @@ class Datastore:
                     keep.add(key)
                     content = _content_hash(s)
                     cols = dict(s)
-                    cols.update(sample_key=key, annotation_id=aid, project_id=_as_int(project_id),
-                                task_id=_as_int(task_id), content_hash=content, event_id=event_id,
+                    cols.update(sample_key=key, annotation_id=aid, project_id=as_int(project_id),
+                                task_id=as_int(task_id), content_hash=content, event_id=event_id,
                                 ls_updated_at=ls_updated_at)
                     cols = {k: v for k, v in cols.items() if k in _SAMPLE_COLUMNS}
                     prev_s = existing.get(key)
@@ -571,7 +571,7 @@ class Datastore:
                                         + self._lock_clause(), (aid,)))
             if prev is None:
                 self._exec(c, "INSERT INTO {annotations} (annotation_id, project_id, state, event_id, n_samples,"
-                              " seen_at) VALUES (?, ?, 'deleted', ?, 0, ?)", (aid, _as_int(project_id), event_id, now))
+                              " seen_at) VALUES (?, ?, 'deleted', ?, 0, ?)", (aid, as_int(project_id), event_id, now))
             else:
                 self._exec(c, "UPDATE {annotations} SET state = 'deleted', event_id = ?, n_samples = 0, seen_at = ?"
                               " WHERE annotation_id = ?", (event_id, now, aid))
@@ -712,7 +712,7 @@ class Datastore:
         with self._tx() as c:
             cur = self._exec(c, "INSERT INTO {training_requests} (project_id, event_id, requested_at, status)"
                                 " VALUES (?, ?, ?, 'pending') ON CONFLICT (event_id) DO NOTHING RETURNING id",
-                             (_as_int(project_id), event_id, _now()))
+                             (as_int(project_id), event_id, _now()))
             row = cur.fetchone()
             if row is not None:
                 return int(_first(row))
@@ -872,7 +872,8 @@ def _first(row):
         return next(iter(dict(row).values()))
 
 
-def _as_int(v):
+def as_int(v) -> int | None:
+    """``int(v)``, or None for None, booleans and values that are not integers (shared with the worker)."""
     if v is None or isinstance(v, bool):
         return None
     try:

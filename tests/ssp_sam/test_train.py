@@ -11,16 +11,9 @@ from ssp_sam.data.synthetic import SyntheticDataset
 from ssp_sam.train import (PRESETS, TrainConfig, TrainView, collate, config_from_args, config_from_preset,
                            evaluate_model, lr_factor, param_groups, register_cli, train)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TRAIN = SyntheticDataset(24, seed=0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the CI box is a shared 2-core machine: one intra-op thread avoids oversubscription stalls
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 VAL = SyntheticDataset(8, seed=1)
 
 

@@ -14,12 +14,7 @@ from ssp_sam.tokenizer import load_tokenizer
 from ssp_sam.train import config_from_preset, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_embed_is_resumable_and_feeds_training(tmp_path, monkeypatch):
