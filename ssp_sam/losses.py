@@ -120,3 +120,15 @@ def ssp_sam_loss(logits: torch.Tensor | None, target_mask: torch.Tensor | None, 
         parts.update(dice=float(dice.detach()), focal=float(focal.detach()))
     parts["total"] = float(total.detach())
     return LossOutput(total=total, parts=parts)
+
+
+def grounding_loss(similarity: torch.Tensor, target_grid: torch.Tensor, valid: torch.Tensor,
+                   threshold: float = 0.25) -> torch.Tensor:
+    """Auxiliary loss for training CLIP from scratch (the demo; not in the official recipe): BCE between the VAD's
+    min-max similarity map (B, N, 1) and the referent's coverage of each CLIP patch (B, N) thresholded at
+    ``threshold``, over samples with a target. Pretrained CLIP gives this text-patch alignment for free; without it
+    grounding stalls on "segment every shape" (docs/training.md)."""
+    if not bool(valid.any()):
+        return similarity.sum() * 0.0
+    sim = similarity[..., 0][valid].clamp(1e-4, 1 - 1e-4)
+    return F.binary_cross_entropy(sim, (target_grid[valid] > threshold).to(sim.dtype))

@@ -40,9 +40,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ssp_sam.data import Sample
-from ssp_sam.losses import ssp_sam_loss
+from ssp_sam.losses import grounding_loss, ssp_sam_loss
 from ssp_sam.metrics import MetricAccumulator, empty_threshold, format_table
-from ssp_sam.transforms import box_to_clip_frame, clip_input, frame_to_original, mask_to_frame, sam_input
+from ssp_sam.transforms import (box_to_clip_frame, clip_input, frame_to_original, mask_to_clip_grid, mask_to_frame,
+                                sam_input)
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class TrainConfig:
     threads: int | None = None               # torch.set_num_threads for CPU runs
     token_init_std: float | None = None      # re-initialise the prompt generator's position/REG/prompt tables with
                                              # this std before training (from-scratch runs; official init is N(0, 1))
+    grounding_loss_weight: float = 0.0       # auxiliary similarity-map loss (losses.grounding_loss); 0 = official
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -106,7 +108,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  train_sam_encoder=False, epochs=8, batch_size=8, lr=4e-4, lr_decoder=4e-4, lr_min=1e-5,
                  warmup_epochs=0.2, schedule="time", time_limit_min=24.0, freeze_decoder_epochs=0, clip_grad=1.0,
                  aug_translate=False, token_init_std=0.02, out_dir="runs/demo", eval_batch_size=32, log_every=50,
-                 threads=1),
+                 threads=1, grounding_loss_weight=2.0),
     # The official fine-tuning recipe (SSP-SAM-224 on RefCOCO, 8 GPUs x 8).
     "official-224": dict(variant="ssp-sam-224", epochs=80, batch_size=8, lr=1e-4, lr_decoder=1e-5, lr_min=1e-6,
                          warmup_epochs=5, schedule="epoch", freeze_decoder_epochs=20, clip_grad=0.1),
@@ -194,8 +196,10 @@ class TrainView(torch.utils.data.Dataset):
     """
 
     def __init__(self, samples: Sequence[Sample], spec, augment: bool, seed: int = 0,
-                 embeddings: dict[int, torch.Tensor] | None = None, cache: bool = True) -> None:
+                 embeddings: dict[int, torch.Tensor] | None = None, cache: bool = True,
+                 clip_grid: bool = False) -> None:
         self.samples, self.spec, self.augment, self.seed = samples, spec, augment, seed
+        self.clip_grid = clip_grid                # also yield the mask's CLIP-patch coverage (grounding loss)
         self.embeddings = embeddings
         self.cache = cache
         self._sam: dict[int, torch.Tensor] = {}
@@ -232,6 +236,8 @@ class TrainView(torch.utils.data.Dataset):
         box = box_to_clip_frame(s.box_xyxy, meta) if valid else torch.zeros(4)
         item = {"clip": clip, "mask": self.frame_mask(i, s), "box": box.float(), "valid": valid,
                 "sentence": s.sentence, "index": i}
+        if self.clip_grid:
+            item["grid"] = mask_to_clip_grid(s.mask, meta, self.spec.clip_patch_size)
         if self.embeddings is not None and i in self.embeddings:
             item["emb"] = self.embeddings[i].float()
         else:
@@ -244,7 +250,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"sentence": [it["sentence"] for it in items],
                            "index": torch.tensor([it["index"] for it in items]),
                            "valid": torch.tensor([it["valid"] for it in items])}
-    for k in ("clip", "mask", "box", "sam", "emb"):
+    for k in ("clip", "mask", "box", "sam", "emb", "grid"):
         if k in items[0]:
             out[k] = torch.stack([it[k] for it in items])
     return out
@@ -452,7 +458,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_set: Sequence[Samp
         # frozen encoder: embed every image once, never per step
         train_emb = precompute_embeddings(model, train_set, spec, device=device, progress=cfg.progress and master)
         val_emb = precompute_embeddings(model, val_set, spec, device=device) if val_set is not None else None
-    view = TrainView(train_set, spec, augment=cfg.aug_translate, seed=cfg.seed, embeddings=train_emb)
+    view = TrainView(train_set, spec, augment=cfg.aug_translate, seed=cfg.seed, embeddings=train_emb,
+                     clip_grid=cfg.grounding_loss_weight > 0 and not cfg.box_only)
     sampler = DistributedSampler(view, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True) \
         if world > 1 else None
     g = torch.Generator().manual_seed(cfg.seed)
@@ -534,6 +541,10 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_set: Sequence[Samp
             loss = ssp_sam_loss(out.logits, None if cfg.box_only else batch["mask"][:, None].to(device),
                                 out.box, batch["box"].to(device), batch["valid"].to(device), box_only=cfg.box_only,
                                 official_no_target_box=cfg.official_no_target_box)
+            if "grid" in batch:
+                aux = grounding_loss(out.similarity, batch["grid"].to(device), batch["valid"].to(device))
+                loss.total = loss.total + cfg.grounding_loss_weight * aux
+                loss.parts["grounding"] = float(aux.detach())
             optimizer.zero_grad(set_to_none=True)
             loss.total.backward()
             _average_gradients(trainable, world)

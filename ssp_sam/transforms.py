@@ -159,3 +159,14 @@ def frame_to_original(frame_logits: torch.Tensor, hw: tuple[int, int], sam_size:
     x = frame_logits.float()[None, None]
     x = F.interpolate(x, (sam_size, sam_size), mode="bilinear", align_corners=False)[..., :nh, :nw]
     return F.interpolate(x, (h, w), mode="bilinear", align_corners=False)[0, 0]
+
+
+def mask_to_clip_grid(mask: np.ndarray, meta: ClipMeta, patch: int) -> torch.Tensor:
+    """Fraction of each CLIP patch covered by the mask, (N,) in CLIP token order: the mask placed exactly as the
+    image is in the padded CLIP square (``clip_input``), then averaged over ``patch`` x ``patch`` cells."""
+    nh, nw = meta.resized_hw
+    left, top = meta.pad_left_top
+    m = Image.fromarray(np.asarray(mask, dtype=np.float32), mode="F").resize((nw, nh), Image.BILINEAR)
+    canvas = torch.zeros(meta.size, meta.size)
+    canvas[top:top + nh, left:left + nw] = torch.from_numpy(np.array(m))
+    return F.avg_pool2d(canvas[None, None], patch)[0, 0].flatten()

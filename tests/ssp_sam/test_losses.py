@@ -67,3 +67,17 @@ def test_total_weights_and_box_only():
     assert only.total.item() == pytest.approx(5 * 0.4 + 2 * only.parts["giou"], rel=1e-5)
     with pytest.raises(ValueError):
         ssp_sam_loss(logits, gt[..., :1], box, box)
+
+
+def test_grounding_loss_rewards_a_map_on_the_referent():
+    import torch
+    from ssp_sam.losses import grounding_loss
+    grid = torch.zeros(2, 16)
+    grid[:, 5] = 1.0                                   # the referent covers patch 5
+    valid = torch.tensor([True, False])                 # the second sample has no target: ignored
+    good = torch.zeros(2, 16, 1)
+    good[:, 5] = 1.0
+    bad = torch.zeros(2, 16, 1)
+    bad[:, 9] = 1.0
+    assert grounding_loss(good, grid, valid) < 0.01 < grounding_loss(bad, grid, valid)
+    assert grounding_loss(bad, grid, torch.tensor([False, False])) == 0

@@ -115,3 +115,14 @@ def test_predictor_cache_bound_evicts():
         pred.predict(np.full((10, 10, 3), i, np.uint8), "x")
         assert pred.image_cache.nbytes <= 30_000
     assert pred.image_cache.evictions > 0
+
+
+def test_mask_to_clip_grid_follows_the_clip_placement():
+    from ssp_sam.transforms import mask_to_clip_grid
+    img = np.zeros((32, 64, 3), np.uint8)
+    mask = np.zeros((32, 64), np.uint8)
+    mask[:, :32] = 1                                     # left half of the picture
+    _, meta = clip_input(img, 64, "center")              # resized 32x64, pasted at top 16
+    grid = mask_to_clip_grid(mask, meta, 16).reshape(4, 4)
+    assert grid[0].sum() == 0 and grid[3].sum() == 0     # padding rows
+    assert torch.allclose(grid[1:3, :2], torch.ones(2, 2)) and grid[1:3, 2:].sum() == 0
