@@ -119,7 +119,7 @@ VARIANTS: dict[str, VariantSpec] = {
         clip_image_size=64, clip_patch_size=8, clip_vision_width=96, clip_vision_layers=4, clip_vision_heads=4,
         clip_text_width=96, clip_text_layers=2, clip_text_heads=4, clip_embed_dim=96, clip_vocab_size=256,
         surgery_layers=2, tokenizer="word", ssp_hidden_dim=96, ssp_heads=4, num_prompts=16, prompt_layers=2,
-        prompt_heads=4, prompt_ffn_dim=256, train_clip=True, train_sam_encoder=True, scratch_init=True),
+        prompt_heads=4, prompt_ffn_dim=256, train_clip=True, train_sam_encoder=True),
     # Tiny random model for unit tests.
     "tiny": VariantSpec(
         name="tiny", sam_encoder=dict(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,)),

@@ -108,7 +108,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  train_sam_encoder=False, epochs=8, batch_size=8, lr=4e-4, lr_decoder=4e-4, lr_min=1e-5,
                  warmup_epochs=0.2, schedule="time", time_limit_min=24.0, freeze_decoder_epochs=0, clip_grad=1.0,
                  aug_translate=False, token_init_std=0.02, out_dir="runs/demo", eval_batch_size=32, log_every=50,
-                 threads=1, grounding_loss_weight=2.0),
+                 threads=1),
     # The official fine-tuning recipe (SSP-SAM-224 on RefCOCO, 8 GPUs x 8).
     "official-224": dict(variant="ssp-sam-224", epochs=80, batch_size=8, lr=1e-4, lr_decoder=1e-5, lr_min=1e-6,
                          warmup_epochs=5, schedule="epoch", freeze_decoder_epochs=20, clip_grad=0.1),
