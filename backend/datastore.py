@@ -305,6 +305,9 @@ class Datastore:
     def _lock_clause(self, skip_locked: bool = False, of: str | None = None) -> str:
         return ""
 
+    def _serialize_claims(self, c) -> None:
+        """Make concurrent ``claim_samples`` transactions run one after the other (SQLite: BEGIN IMMEDIATE does)."""
+
     # -- connections --------------------------------------------------------------------------------------------------
     def _conn(self):
         conn = getattr(self._local, "conn", None)
@@ -630,6 +633,7 @@ class Datastore:
         now = _now()
         claim_id = f"claim-{uuid.uuid4().hex[:16]}"
         with self._tx() as c:
+            self._serialize_claims(c)
             # expire dead claims first so their samples are visible as free
             self._exec(c, "UPDATE {claims} SET status = 'expired', finished_at = ? WHERE status = 'active'"
                           " AND lease_until < ?", (now, now))
@@ -991,6 +995,14 @@ class PostgresDatastore(Datastore):
     def _lock_clause(self, skip_locked: bool = False, of: str | None = None) -> str:
         clause = " FOR UPDATE" + (f" OF {of}" if of else "")
         return clause + (" SKIP LOCKED" if skip_locked else "")
+
+    def _serialize_claims(self, c) -> None:
+        # Row locks alone are not enough under READ COMMITTED: a sample another trainer just claimed is re-checked
+        # against its new claim_id, but the "claim is active" sub-query still uses this statement's older snapshot,
+        # where that claim does not exist yet, so the sample could be claimed twice (seen: 43 of 40 under two
+        # trainers). A transaction-scoped advisory lock serialises claims; the SELECT after it sees every commit.
+        c.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
+                  (f"ssp-sam-claims:{self.schema or ''}:{self.prefix}",))
 
     def init_schema(self) -> None:
         conn = self._conn()
