@@ -157,30 +157,13 @@ def load_base(cfg: FinetuneConfig):
 
     ptr = read_pointer(cfg)
     if ptr is not None:
-        loaded = load_model(_model_config(ModelConfig, variant=cfg.variant, checkpoint=ptr["resolved_path"],
-                                          device=cfg.device, version=ptr.get("version")))
+        loaded = load_model(ModelConfig(variant=cfg.variant, checkpoint=ptr["resolved_path"], device=cfg.device,
+                                        version=ptr.get("version") or None))
         return loaded, {"version": str(ptr.get("version") or loaded.version), "path": ptr["resolved_path"],
                         "source": "pointer"}
     loaded = load_model(ModelConfig(variant=cfg.variant, checkpoint=cfg.base_checkpoint, device=cfg.device))
-    return loaded, {"version": base_version_name(cfg, loaded), "path": cfg.base_checkpoint, "source": "base"}
-
-
-def _model_config(cls, **kw):
-    """ModelConfig(**kw), leaving out fields this ssp_sam version does not have (e.g. ``version``)."""
-    import dataclasses as _dc
-
-    names = {f.name for f in _dc.fields(cls)}
-    return cls(**{k: v for k, v in kw.items() if k in names and v is not None})
-
-
-def base_version_name(cfg: FinetuneConfig, loaded) -> str:
-    """The version string the backend serves the base model under (backend.model_manager): ``<variant>-<sha8>``."""
-    try:
-        from ssp_sam.versioning import weights_version
-
-        return weights_version(cfg.variant, cfg.base_checkpoint)
-    except (ImportError, OSError):
-        return loaded.version
+    # load_model names the base <variant>-<sha8>, the same string the backend serves it under (ssp_sam.versioning)
+    return loaded, {"version": loaded.version, "path": cfg.base_checkpoint, "source": "base"}
 
 
 def rows_to_samples(store, rows: Sequence[Mapping]) -> list:

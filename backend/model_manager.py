@@ -58,11 +58,6 @@ def default_predictor_factory(config, checkpoint: Optional[str]):
                            cache_bytes=int(config.embedding_cache_mb) * 2**20)
 
 
-def demo_checkpoint_path() -> Optional[str]:
-    """Path of the packaged demo bundle (``ssp_sam.versioning`` does not import torch)."""
-    return str(DEMO_CHECKPOINT)
-
-
 class ModelManager:
     def __init__(self, config, predictor_factory: Optional[PredictorFactory] = None,
                  clock: Callable[[], float] = time.monotonic):
@@ -90,7 +85,7 @@ class ModelManager:
                 raise FileNotFoundError(f"SSP_SAM_CHECKPOINT does not exist: {ckpt}")
             return Target(weights_version(cfg.variant, ckpt), ckpt, "config")
         if cfg.variant == "demo":
-            if os.path.exists(demo_checkpoint_path()):
+            if DEMO_CHECKPOINT.exists():
                 return Target(weights_version("demo", None), None, "demo")
             return Target("demo-missing", None, "demo")
         return Target(weights_version(cfg.variant, None), None, "random")
