@@ -426,9 +426,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_set: Sequence[Samp
     if overrides:
         model.spec = spec = dataclasses.replace(spec, **overrides)
     if cfg.token_init_std and not cfg.resume:
-        pg = model.prompt_generator
-        for table in (pg.vl_pos_embed, pg.reg_token, pg.prompt_token):
-            torch.nn.init.normal_(table.weight, std=cfg.token_init_std)
+        model.prompt_generator.init_token_tables(cfg.token_init_std)
     model.to(device)
     set_trainable(model, train_mask_decoder=True)
     _broadcast_parameters(model)

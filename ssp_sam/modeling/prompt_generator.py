@@ -65,6 +65,11 @@ class PromptGenerator(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.bbox_embed = MLP(dim, dim, 4, 3)
 
+    def init_token_tables(self, std: float) -> None:
+        """Re-initialise the position, REG and prompt tables with N(0, std) (official init is N(0, 1))."""
+        for table in (self.vl_pos_embed, self.reg_token, self.prompt_token):
+            nn.init.normal_(table.weight, std=std)
+
     def forward(self, fused: torch.Tensor, box_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """fused (B, N, D) -> box (B, 4) sigmoid cxcywh, prompts (B, P, D) (None when ``box_only``)."""
         b = fused.shape[0]

@@ -82,9 +82,7 @@ class SSPSAM(nn.Module):
         for layer in self.vad.clip_img_proj.layers:
             nn.init.zeros_(layer.bias)
         nn.init.zeros_(self.fusion.bias)
-        pg = self.prompt_generator
-        for table in (pg.vl_pos_embed, pg.prompt_token, pg.reg_token):
-            nn.init.normal_(table.weight, std=0.02)
+        self.prompt_generator.init_token_tables(0.02)
 
     @property
     def frame_size(self) -> int:
