@@ -71,6 +71,7 @@ class FinetuneConfig:
     aug_translate: bool = True
     train_sam_encoder: bool = False           # freeze SAM's image encoder (embeddings cached once: much faster)
     train_clip: bool | None = None            # None: what the variant says (the demo trains CLIP)
+    patch_loss_weight: float = 0.0            # auxiliary referent-patch loss (ssp_sam.losses; 0 = official recipe)
     seed: int = 3407
     eval_batch_size: int = 16
     curve_every: int = 1                      # evaluate held-out mIoU every N epochs for the curve (0: off)
@@ -409,7 +410,7 @@ def _train_and_evaluate(cfg: FinetuneConfig, store, plan: dict, run_dir: Path, r
                        lr_min=min(cfg.lr, cfg.lr_decoder) / 100, warmup_epochs=cfg.warmup_epochs,
                        freeze_decoder_epochs=0, clip_grad=cfg.clip_grad, aug_translate=cfg.aug_translate,
                        train_sam_encoder=cfg.train_sam_encoder, train_clip=cfg.train_clip,
-                       seed=cfg.seed, out_dir=str(run_dir / "train"), save_checkpoints=False, device=cfg.device,
+                       patch_loss_weight=cfg.patch_loss_weight, seed=cfg.seed, out_dir=str(run_dir / "train"), save_checkpoints=False, device=cfg.device,
                        progress=False, log_every=10 ** 9, eval_batch_size=cfg.eval_batch_size, threads=cfg.threads)
     t = time.time()
     res = train(tcfg, model=model, tokenizer=tok, train_set=train_set, val_set=None, on_epoch_end=on_epoch_end)
@@ -548,6 +549,7 @@ _HELP = {
     "max_steps": "stop after this many optimiser steps",
     "train_sam_encoder": "true: also train SAM's image encoder (slower; default false: embeddings cached)",
     "train_clip": "true/false: train CLIP (default: what the variant says)",
+    "patch_loss_weight": "weight of the auxiliary referent-patch loss (ssp_sam.losses; default 0 = official)",
     "curve_every": "evaluate held-out mIoU every N epochs for the curve (0: off)",
     "lease_s": "claim lease in seconds, renewed by a heartbeat (default 1800)",
     "every_samples": "--watch: start a round when this many new samples are waiting (default 50)",

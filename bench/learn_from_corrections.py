@@ -162,6 +162,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lr-decoder", type=float, default=1e-3)
     ap.add_argument("--train-sam-encoder", action="store_true")
+    ap.add_argument("--patch-loss-weight", type=float, default=0.0, help="auxiliary referent-patch loss weight")
     ap.add_argument("--variant", default="demo")
     ap.add_argument("--base-checkpoint", default=None, help="default: the packaged demo model")
     ap.add_argument("--min-heldout", type=int, default=5)
@@ -278,7 +279,8 @@ def main(argv=None) -> int:
                               base_checkpoint=args.base_checkpoint, heldout_fraction=args.heldout,
                               epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                               lr=args.lr, lr_decoder=args.lr_decoder, train_sam_encoder=args.train_sam_encoder,
-                              device="cpu", threads=args.threads, min_heldout=args.min_heldout)
+                              patch_loss_weight=args.patch_loss_weight, device="cpu", threads=args.threads,
+                              min_heldout=args.min_heldout)
         rep = run_once(fcfg, store=store)
         if rep.get("decision") == "skipped":
             raise SystemExit(f"the fine-tuning round was skipped: {rep.get('reason')}")

@@ -132,3 +132,15 @@ def grounding_loss(similarity: torch.Tensor, target_grid: torch.Tensor, valid: t
         return similarity.sum() * 0.0
     sim = similarity[..., 0][valid].clamp(1e-4, 1 - 1e-4)
     return F.binary_cross_entropy(sim, (target_grid[valid] > threshold).to(sim.dtype))
+
+
+def referent_patch_loss(patch_logits: torch.Tensor, target_grid: torch.Tensor, threshold: float = 0.25
+                        ) -> torch.Tensor:
+    """Auxiliary loss for training from scratch (the demo; not in the official recipe): BCE between per-patch logits
+    (B, N), read by a linear head from the prompt generator's fused-token outputs, and whether the referent covers
+    each CLIP patch (coverage (B, N) > ``threshold``). No-target samples count too (every patch is negative).
+
+    The mask loss reaches the grounding path only through the prompt tokens and SAM's two-way decoder, and from
+    random weights that signal is too weak to leave the "segment every shape" plateau in a CPU budget; this one hits
+    the cross-modal tokens directly, after the encoder's patch-to-patch attention, so relations can be learned."""
+    return F.binary_cross_entropy_with_logits(patch_logits, (target_grid > threshold).to(patch_logits.dtype))

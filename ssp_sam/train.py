@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ssp_sam.data import Sample
-from ssp_sam.losses import grounding_loss, ssp_sam_loss
+from ssp_sam.losses import grounding_loss, referent_patch_loss, ssp_sam_loss
 from ssp_sam.metrics import MetricAccumulator, empty_threshold, format_table
 from ssp_sam.transforms import (box_to_clip_frame, clip_input, frame_to_original, mask_to_clip_grid, mask_to_frame,
                                 sam_input)
@@ -98,17 +98,21 @@ class TrainConfig:
     token_init_std: float | None = None      # re-initialise the prompt generator's position/REG/prompt tables with
                                              # this std before training (from-scratch runs; official init is N(0, 1))
     grounding_loss_weight: float = 0.0       # auxiliary similarity-map loss (losses.grounding_loss); 0 = official
+    patch_loss_weight: float = 0.0           # auxiliary referent-patch loss (losses.referent_patch_loss) through a
+                                             # training-only linear head; 0 = official
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The embedded demo model (docs/training.md): from scratch on the synthetic benchmark within a wall-clock budget
-    # (cosine over time), higher lr, no decoder freeze (the decoder is random too), the random SAM encoder frozen
-    # and embedded once (4x more steps per minute), no CLIP translation (both views are learned from scratch).
+    # (cosine over time), higher lr, no decoder freeze (the decoder is random too), the small SAM encoder trained
+    # with the rest, no CLIP translation (both views are learned from scratch), and the auxiliary referent-patch loss
+    # (without it the run never leaves "segment every shape" in a CPU budget). Run it as two processes, one per core:
+    # `torchrun --standalone --nproc_per_node 2 bench/train_demo.py`.
     "demo": dict(variant="demo", train_data="synthetic:12000:seed=0", val_data="synthetic:300:seed=1",
-                 train_sam_encoder=False, epochs=8, batch_size=8, lr=4e-4, lr_decoder=4e-4, lr_min=1e-5,
+                 train_sam_encoder=True, epochs=8, batch_size=8, lr=4e-4, lr_decoder=4e-4, lr_min=1e-5,
                  warmup_epochs=0.2, schedule="time", time_limit_min=24.0, freeze_decoder_epochs=0, clip_grad=1.0,
-                 aug_translate=False, token_init_std=0.02, out_dir="runs/demo", eval_batch_size=32, log_every=50,
-                 threads=1),
+                 aug_translate=False, token_init_std=0.02, patch_loss_weight=20.0, out_dir="runs/demo",
+                 eval_batch_size=32, log_every=50, threads=1),
     # The official fine-tuning recipe (SSP-SAM-224 on RefCOCO, 8 GPUs x 8).
     "official-224": dict(variant="ssp-sam-224", epochs=80, batch_size=8, lr=1e-4, lr_decoder=1e-5, lr_min=1e-6,
                          warmup_epochs=5, schedule="epoch", freeze_decoder_epochs=20, clip_grad=0.1),
@@ -457,7 +461,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_set: Sequence[Samp
         train_emb = precompute_embeddings(model, train_set, spec, device=device, progress=cfg.progress and master)
         val_emb = precompute_embeddings(model, val_set, spec, device=device) if val_set is not None else None
     view = TrainView(train_set, spec, augment=cfg.aug_translate, seed=cfg.seed, embeddings=train_emb,
-                     clip_grid=cfg.grounding_loss_weight > 0 and not cfg.box_only)
+                     clip_grid=cfg.patch_loss_weight > 0 or (cfg.grounding_loss_weight > 0 and not cfg.box_only))
     sampler = DistributedSampler(view, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True) \
         if world > 1 else None
     g = torch.Generator().manual_seed(cfg.seed)
@@ -471,6 +475,11 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_set: Sequence[Samp
 
     # --- optimiser, schedule -----------------------------------------------------------------------------------------
     groups = param_groups(model, cfg)
+    patch_head = None
+    if cfg.patch_loss_weight > 0:  # training-only head of the referent-patch loss; not part of the model bundle
+        patch_head = torch.nn.Linear(spec.prompt_dim, 1).to(device)
+        _broadcast_parameters(patch_head)
+        groups.append({"params": list(patch_head.parameters()), "lr": cfg.lr, "name": "patch_head"})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     if cfg.schedule not in ("step", "epoch", "time"):
         raise ValueError(f"schedule must be 'step', 'epoch' or 'time', got {cfg.schedule!r}")
@@ -494,6 +503,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_set: Sequence[Samp
     if resume:
         state = torch.load(resume, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
+        if patch_head is not None and state.get("patch_head"):
+            patch_head.load_state_dict(state["patch_head"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, step = state["epoch"], state["step"]
@@ -539,10 +550,14 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_set: Sequence[Samp
             loss = ssp_sam_loss(out.logits, None if cfg.box_only else batch["mask"][:, None].to(device),
                                 out.box, batch["box"].to(device), batch["valid"].to(device), box_only=cfg.box_only,
                                 official_no_target_box=cfg.official_no_target_box)
-            if "grid" in batch:
+            if cfg.grounding_loss_weight > 0 and "grid" in batch:
                 aux = grounding_loss(out.similarity, batch["grid"].to(device), batch["valid"].to(device))
                 loss.total = loss.total + cfg.grounding_loss_weight * aux
                 loss.parts["grounding"] = float(aux.detach())
+            if patch_head is not None and "grid" in batch:
+                aux = referent_patch_loss(patch_head(out.visual_out)[..., 0], batch["grid"].to(device))
+                loss.total = loss.total + cfg.patch_loss_weight * aux
+                loss.parts["patch"] = float(aux.detach())
             optimizer.zero_grad(set_to_none=True)
             loss.total.backward()
             _average_gradients(trainable, world)
@@ -593,6 +608,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_set: Sequence[Samp
             last_path = out_dir / "last.pt"
             atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
+                               "patch_head": patch_head.state_dict() if patch_head is not None else None,
                                "rng": rngs, "config": dataclasses.asdict(cfg), "spec": spec.to_dict(),
                                "best": best, "best_epoch": best_epoch, "best_metrics": best_metrics,
                                "history": history, "elapsed_s": elapsed_before + time.time() - t_start},

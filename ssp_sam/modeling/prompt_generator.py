@@ -70,8 +70,11 @@ class PromptGenerator(nn.Module):
         for table in (self.vl_pos_embed, self.reg_token, self.prompt_token):
             nn.init.normal_(table.weight, std=std)
 
-    def forward(self, fused: torch.Tensor, box_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """fused (B, N, D) -> box (B, 4) sigmoid cxcywh, prompts (B, P, D) (None when ``box_only``)."""
+    def forward(self, fused: torch.Tensor, box_only: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """fused (B, N, D) -> box (B, 4) sigmoid cxcywh, prompts (B, P, D) (None when ``box_only``), and the
+        encoder's outputs at the N fused-token positions (B, N, D; unused by the official model, read by the
+        demo's auxiliary referent-patch loss)."""
         b = fused.shape[0]
         src = torch.cat([
             self.reg_token.weight.unsqueeze(1).expand(-1, b, -1),
@@ -81,6 +84,7 @@ class PromptGenerator(nn.Module):
         pos = self.vl_pos_embed.weight.unsqueeze(1).expand(-1, b, -1)
         out = self.norm(self.vl_transformer(src, pos))
         box = self.bbox_embed(out[0]).sigmoid()
+        visual_out = out[1 + self.num_prompts:].transpose(0, 1)
         if box_only:
-            return box, None
-        return box, out[1:1 + self.num_prompts].transpose(0, 1)
+            return box, None, visual_out
+        return box, out[1:1 + self.num_prompts].transpose(0, 1), visual_out

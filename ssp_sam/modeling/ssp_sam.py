@@ -21,6 +21,7 @@ class SSPSAMOutput:
     box: torch.Tensor                    # (B, 4) sigmoid (cx, cy, w, h) in the padded CLIP square
     prompts: torch.Tensor | None         # (B, P, D) sparse prompts fed to SAM's mask decoder
     similarity: torch.Tensor | None = None  # (B, N, 1) min-max text-image similarity map over CLIP patches
+    visual_out: torch.Tensor | None = None  # (B, N, D) prompt-generator outputs at the fused-token positions
 
 
 class _UnusedOfficialModules(nn.Module):
@@ -118,16 +119,16 @@ class SSPSAM(nn.Module):
         visual, similarity = self.vad(image_tokens, sentence, words, ~word_mask)
         phrase, _ = self.lad(words, word_mask)
         fused = self.fusion(torch.tanh(visual) * torch.tanh(phrase))
-        box, prompts = self.prompt_generator(fused, box_only=box_only)
+        box, prompts, visual_out = self.prompt_generator(fused, box_only=box_only)
         if box_only:
-            return SSPSAMOutput(None, None, box, None, similarity)
+            return SSPSAMOutput(None, None, box, None, similarity, visual_out)
         if image_embeddings is None:
             if sam_images is None:
                 raise ValueError("give image_embeddings or sam_images")
             with torch.set_grad_enabled(self.spec.train_sam_encoder and self.training and torch.is_grad_enabled()):
                 image_embeddings = self.sam.image_encoder(sam_images)
         low_res = self.decode_masks(image_embeddings, prompts)
-        return SSPSAMOutput(self.postprocess_logits(low_res), low_res, box, prompts, similarity)
+        return SSPSAMOutput(self.postprocess_logits(low_res), low_res, box, prompts, similarity, visual_out)
 
     def decode_masks(self, image_embeddings: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """SAM's mask decoder with the prompts as sparse embeddings and the no-mask dense embedding; mask token 0

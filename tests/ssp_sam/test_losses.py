@@ -81,3 +81,19 @@ def test_grounding_loss_rewards_a_map_on_the_referent():
     bad[:, 9] = 1.0
     assert grounding_loss(good, grid, valid) < 0.01 < grounding_loss(bad, grid, valid)
     assert grounding_loss(bad, grid, torch.tensor([False, False])) == 0
+
+
+def test_referent_patch_loss_rewards_logits_on_the_referent_and_empty_maps_without_one():
+    import torch
+    from ssp_sam.losses import referent_patch_loss
+    grid = torch.zeros(2, 16)
+    grid[0, 5] = 0.9                                   # sample 0: the referent covers patch 5; sample 1: no target
+    good = torch.full((2, 16), -8.0)
+    good[0, 5] = 8.0
+    shifted = good.clone()
+    shifted[0, 5], shifted[0, 9] = -8.0, 8.0
+    fires_on_none = good.clone()
+    fires_on_none[1, 3] = 8.0
+    assert referent_patch_loss(good, grid) < 0.01
+    assert referent_patch_loss(shifted, grid) > 0.5 and referent_patch_loss(fires_on_none, grid) > 0.25
+    assert referent_patch_loss(good, grid * 0.2) > 0.25  # coverage under the threshold is a negative patch

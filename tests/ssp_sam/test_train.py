@@ -112,3 +112,18 @@ def test_cli_config_parsing():
     assert cfg.max_steps == 7 and cfg.batch_size == PRESETS["demo"]["batch_size"]
     with pytest.raises(ValueError):
         config_from_preset("nope")
+
+
+def test_referent_patch_loss_trains_a_head_that_resumes_and_stays_out_of_the_bundle(tmp_path):
+    kw = dict(epochs=2, patch_loss_weight=2.0)
+    full = train(_cfg(tmp_path / "a", **kw), train_set=TRAIN, val_set=VAL)
+    assert all(math.isfinite(h["train/patch"]) and h["train/patch"] > 0 for h in full.history)
+    train(_cfg(tmp_path / "b", **kw), train_set=TRAIN, val_set=VAL, on_epoch_end=lambda r: True)
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["patch_head"] is not None
+    resumed = train(_cfg(tmp_path / "b", resume="auto", **kw), train_set=TRAIN, val_set=VAL)
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k  # equal only if the head's weights and optimiser state were restored too
+    from ssp_sam.build import ModelConfig, load_model
+
+    loaded = load_model(ModelConfig(variant="tiny", checkpoint=str(full.best_path), device="cpu"))
+    assert set(loaded.model.state_dict()) == set(build_model("tiny").state_dict())
