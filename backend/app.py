@@ -153,7 +153,15 @@ def _default_worker_factory(store, media, config):
     except ImportError as exc:
         logger.warning("backend.corrections is not available (%s); webhook events are queued but not processed", exc)
         return None
-    return CorrectionWorker(store, media, config)
+    from backend.corrections import WorkerConfig
+    from backend.ls_records import LabelStudioRecords
+
+    worker_config = WorkerConfig.from_any(config)
+    if media is not None and hasattr(media, "connection"):  # id-only bulk events: read the records back from LS
+        records = LabelStudioRecords(media)
+        worker_config.fetch_annotation = worker_config.fetch_annotation or records.fetch_annotation
+        worker_config.fetch_task = worker_config.fetch_task or records.fetch_task
+    return CorrectionWorker(store, media, worker_config)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -308,6 +308,24 @@ def test_label_studio_end_to_end(servers):
     metrics = _metrics(be)
     assert metrics["events_enqueued"] >= 1 and metrics["task_errors"] == 0, _tail(servers["be_log"])
 
+    # a bulk event naming its annotation by id only (ANNOTATIONS_CREATED may): the correction worker reads the
+    # annotation and its task back from Label Studio through the SDK, with the connection /setup gave
+    r = requests.post(be + "/webhook", json={"action": "ANNOTATIONS_CREATED", "annotations": [ann["id"]],
+                                             "project": {"id": pid}}, timeout=10)
+    assert r.status_code == 201, r.text
+    store = open_datastore(None, model_dir=servers["model_dir"])
+    try:
+        deadline = time.monotonic() + 60
+        event = store.get_event(r.json()["event_id"])
+        while time.monotonic() < deadline and event["status"] not in ("done", "failed"):
+            time.sleep(0.2)
+            event = store.get_event(r.json()["event_id"])
+        assert event["status"] == "done", (event, _tail(servers["be_log"]))
+        if any(r.get("type") == "brushlabels" for r in result):  # the accepted prediction had a mask
+            assert store.list_samples(active=True, annotation_id=ann["id"]), store.stats()
+    finally:
+        store.close()
+
     # an interactive call on a task whose image is gone: one empty result with a message, LS passes it through
     call("POST", f"/api/projects/{pid}/import", json=[{"image": f"/data/upload/{pid}/gone.png", "text": "x"}])
     gone = [t for t in call("GET", f"/api/tasks?project={pid}&page_size=100")["tasks"]
