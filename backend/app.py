@@ -149,12 +149,11 @@ def _default_store_factory(config):
 
 def _default_worker_factory(store, media, config):
     try:
-        from backend.corrections import CorrectionWorker
+        from backend.corrections import CorrectionWorker, WorkerConfig
+        from backend.ls_records import LabelStudioRecords
     except ImportError as exc:
         logger.warning("backend.corrections is not available (%s); webhook events are queued but not processed", exc)
         return None
-    from backend.corrections import WorkerConfig
-    from backend.ls_records import LabelStudioRecords
 
     worker_config = WorkerConfig.from_any(config)
     if media is not None and hasattr(media, "connection"):  # id-only bulk events: read the records back from LS

@@ -36,7 +36,6 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     "patch20": ({}, dict(patch_loss_weight=20.0)),
     "p20c128": (dict(clip_image_size=128), dict(patch_loss_weight=20.0)),
     "p20e2e": ({}, dict(patch_loss_weight=20.0, train_sam_encoder=True)),
-    "patch2e2e": ({}, dict(patch_loss_weight=2.0, train_sam_encoder=True)),
 }
 
 
@@ -77,15 +76,17 @@ def main() -> int:
         run_one(args.one, args.minutes, args.device, out, args.threads, extra)
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    procs = {}
+    procs, logs = {}, []
     for name in args.configs:
         (out / name).mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, __file__, "--one", name, "--minutes", str(args.minutes), "--device", args.device,
                "--threads", str(args.threads), "--out", str(out), "--set", *args.set]
-        log = open(out / name / "stdout.log", "w")
-        procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+        logs.append(open(out / name / "stdout.log", "w"))
+        procs[name] = subprocess.Popen(cmd, stdout=logs[-1], stderr=subprocess.STDOUT,
                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
     codes = {name: p.wait() for name, p in procs.items()}
+    for log in logs:
+        log.close()
     rows = []
     for name in args.configs:
         path = out / name / "summary.json"

@@ -203,7 +203,7 @@ class TrainView(torch.utils.data.Dataset):
                  embeddings: dict[int, torch.Tensor] | None = None, cache: bool = True,
                  clip_grid: bool = False) -> None:
         self.samples, self.spec, self.augment, self.seed = samples, spec, augment, seed
-        self.clip_grid = clip_grid                # also yield the mask's CLIP-patch coverage (grounding loss)
+        self.clip_grid = clip_grid                # also yield the mask's CLIP-patch coverage (auxiliary losses)
         self.embeddings = embeddings
         self.cache = cache
         self._sam: dict[int, torch.Tensor] = {}
