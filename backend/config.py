@@ -105,6 +105,8 @@ class BackendConfig:
     media_timeout_s: float = 30.0                 # MEDIA_TIMEOUT_S
     # --- corrections datastore (backend/datastore.py) ---
     datastore_url: Optional[str] = None           # DATASTORE_URL (default SQLite MODEL_DIR/corrections.db)
+    empty_annotation_is_no_target: bool = True    # EMPTY_ANNOTATION_IS_NO_TARGET (a submitted annotation with a
+                                                  # sentence and no brush region = "nothing matches" sample)
 
     # ------------------------------------------------------------------
     @classmethod
@@ -152,6 +154,7 @@ class BackendConfig:
             media_cache_mb=_int(env, "MEDIA_CACHE_MB", 1024, minimum=1),
             media_timeout_s=_float(env, "MEDIA_TIMEOUT_S", 30.0, minimum=0.1),
             datastore_url=_get(env, "DATASTORE_URL"),
+            empty_annotation_is_no_target=_bool(env, "EMPTY_ANNOTATION_IS_NO_TARGET", True),
         )
         if bool(values["basic_auth_user"]) != bool(values["basic_auth_pass"]):
             raise ConfigError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")

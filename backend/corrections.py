@@ -48,6 +48,9 @@ _IMAGE_TAG_RE = re.compile(r"<Image\b[^>]*>", re.IGNORECASE)
 _ATTR_RE = re.compile(r'(\w+)\s*=\s*"([^"]*)"')
 
 
+NO_TARGET_REGION_ID = "no-target"  # region id of the sample kept for an annotation submitted without regions
+
+
 class PermanentError(Exception):
     """The event can never succeed as it is (malformed payload, missing body and no way to fetch it)."""
 
@@ -69,6 +72,7 @@ class WorkerConfig:
     lease_s: float = 300.0             # an event taken by a worker that dies is retried after this
     prompt_fields: tuple = DEFAULT_PROMPT_FIELDS
     min_mask_pixels: int = 1
+    empty_annotation_is_no_target: bool = True  # no brush region + a sentence -> a no-target sample (empty mask)
     fetch_annotation: Callable[[int], Mapping] | None = None  # annotation id -> body (SDK), for id-only payloads
     fetch_task: Callable[[int], Mapping] | None = None        # task id -> task (SDK), when ``task`` is absent
     worker_id: str | None = None
@@ -272,6 +276,19 @@ class CorrectionWorker:
             except RegionRejected as exc:
                 rejected.append({"region_id": rid, "reason": str(exc)})
                 log.warning("annotation %s region %s rejected: %s", aid, rid, exc)
+        if not brush and self.config.empty_annotation_is_no_target:
+            # Submitted with a sentence (TextArea or task field) and no region: the annotator says nothing matches.
+            # Kept as a no-target sample (empty mask), so fine-tuning keeps the model's "nothing here" answer and
+            # the held-out gate sees it. Labels alone (class-level pre-labelling) do not count: absent classes
+            # are not sentences someone asked about.
+            sentence, source = resolve_sentence({}, results, task, self.config.prompt_fields)
+            if sentence:
+                region = {"id": NO_TARGET_REGION_ID, "value": {}, "to_name": None}
+                try:
+                    samples.append(self._region_sample(region, results, ann, task, label_config, image_cache,
+                                                       no_target=(sentence, source)))
+                except RegionRejected as exc:
+                    rejected.append({"region_id": NO_TARGET_REGION_ID, "reason": str(exc)})
         res = self.store.apply_annotation(aid, project_id, task_id, updated_at, samples, event_id)
         res["regions"] = len(brush)
         if rejected:
@@ -279,12 +296,14 @@ class CorrectionWorker:
         return res
 
     def _region_sample(self, region: Mapping, results: list[Mapping], ann: Mapping, task: Mapping,
-                       label_config: str, image_cache: dict) -> dict:
+                       label_config: str, image_cache: dict, no_target: tuple[str, str] | None = None) -> dict:
+        """The sample of one brush region, or with ``no_target=(sentence, source)`` the empty-mask sample of an
+        annotation submitted without regions."""
         rid = str(region["id"])
         value = region.get("value") or {}
         labels = value.get("brushlabels") or []
         label = str(labels[0]) if labels else None
-        sentence, source = resolve_sentence(region, results, task, self.config.prompt_fields)
+        sentence, source = no_target or resolve_sentence(region, results, task, self.config.prompt_fields)
         if not sentence:
             if label:
                 sentence, source = label, "label"
@@ -303,14 +322,14 @@ class CorrectionWorker:
             image_cache[url] = (self.store.blobs.put(data), size)
         image_blob, (img_w, img_h) = image_cache[url]
 
-        # mask from RLE, dimension-checked
+        # mask from RLE, dimension-checked (a no-target sample: all zeros at the image's size)
         w = _int(region.get("original_width")) or img_w
         h = _int(region.get("original_height")) or img_h
         if (w, h) != (img_w, img_h):
             raise RegionRejected(f"original size {w}x{h} != image size {img_w}x{img_h}")
-        mask = decode_region_mask(value, w, h)
+        mask = np.zeros((h, w), np.uint8) if no_target else decode_region_mask(value, w, h)
         area = int(mask.sum())
-        if area < self.config.min_mask_pixels:
+        if not no_target and area < self.config.min_mask_pixels:
             raise RegionRejected("empty mask")
         mask_blob = self.store.blobs.put_mask(mask)
 
@@ -332,7 +351,9 @@ class CorrectionWorker:
                 iou = mask_iou(self.store.prediction_mask(pred), mask)
             except Exception as exc:  # a missing blob must not block ingestion
                 log.warning("prediction %s mask unreadable: %s", pred.get("id"), exc)
-        if origin not in ("prediction", "prediction-changed", "manual"):
+        if no_target:  # the model said nothing too (accepted), or its mask was removed (changed)
+            origin = "manual" if iou is None else ("prediction" if iou >= 0.999 else "prediction-changed")
+        elif origin not in ("prediction", "prediction-changed", "manual"):
             origin = "prediction" if iou is not None and iou >= 0.999 else (
                 "prediction-changed" if iou is not None and iou > 0 else "manual")
         return {

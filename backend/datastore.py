@@ -777,8 +777,9 @@ class Datastore:
     def version_stats(self) -> dict:
         """Per model version: how its pre-annotations fared with annotators.
 
-        ``{version: {"predictions", "regions", "accepted", "changed", "manual", "acceptance_rate", "mean_iou",
-        "iou_samples", "mean_lead_time", "queued"}}``; ``accepted``/``changed``/``manual`` count active regions by
+        ``{version: {"predictions", "no_target_predictions", "regions", "accepted", "changed", "manual",
+        "acceptance_rate", "mean_iou", "iou_samples", "mean_lead_time", "queued"}}``; ``predictions`` counts every
+        recorded sentence, ``no_target_predictions`` those the model answered with an empty mask; ``accepted``/``changed``/``manual`` count active regions by
         ``origin`` in annotations whose parent prediction came from that version; ``mean_iou`` is the mean IoU
         between the recorded prediction and the submitted mask; ``queued`` counts active samples not yet consumed by
         a training run. Samples whose version is unknown are reported under ``"unknown"``.
@@ -787,14 +788,17 @@ class Datastore:
 
         def entry(v):
             v = v if v is not None else "unknown"
-            return out.setdefault(v, {"predictions": 0, "regions": 0, "accepted": 0, "changed": 0, "manual": 0,
+            return out.setdefault(v, {"predictions": 0, "no_target_predictions": 0, "regions": 0, "accepted": 0, "changed": 0, "manual": 0,
                                       "acceptance_rate": None, "mean_iou": None, "iou_samples": 0,
                                       "mean_lead_time": None, "queued": 0})
 
         with self._tx(write=False) as c:
-            for r in self._rows(self._exec(c, "SELECT model_version, COUNT(*) AS n FROM {predictions}"
-                                              " GROUP BY model_version")):
-                entry(r["model_version"])["predictions"] = int(r["n"])
+            for r in self._rows(self._exec(c, "SELECT model_version, COUNT(*) AS n,"
+                                              " SUM(CASE WHEN mask_area = 0 THEN 1 ELSE 0 END) AS empty"
+                                              " FROM {predictions} GROUP BY model_version")):
+                e = entry(r["model_version"])
+                e["predictions"] = int(r["n"])
+                e["no_target_predictions"] = int(r["empty"] or 0)
             for r in self._rows(self._exec(c, "SELECT model_version, origin, COUNT(*) AS n FROM {samples}"
                                               " WHERE active = 1 GROUP BY model_version, origin")):
                 e = entry(r["model_version"])

@@ -69,7 +69,10 @@ class FinetuneConfig:
     warmup_epochs: float = 0.0
     clip_grad: float = 1.0
     aug_translate: bool = True
-    train_sam_encoder: bool = False           # freeze SAM's image encoder (embeddings cached once: much faster)
+    aug_flip: float = 0.0                     # left-right mirror probability, sentence's left/right swapped
+    train_sam_encoder: bool | None = None     # None: what the variant says (the demo trains its small encoder, which
+                                              # is what makes it learn new shapes and colours; the official ViT
+                                              # encoders stay frozen, their embeddings cached once)
     train_clip: bool | None = None            # None: what the variant says (the demo trains CLIP)
     patch_loss_weight: float = 0.0            # auxiliary referent-patch loss (ssp_sam.losses; 0 = official recipe)
     seed: int = 3407
@@ -409,9 +412,10 @@ def _train_and_evaluate(cfg: FinetuneConfig, store, plan: dict, run_dir: Path, r
                        max_steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr, lr_decoder=cfg.lr_decoder,
                        lr_min=min(cfg.lr, cfg.lr_decoder) / 100, warmup_epochs=cfg.warmup_epochs,
                        freeze_decoder_epochs=0, clip_grad=cfg.clip_grad, aug_translate=cfg.aug_translate,
-                       train_sam_encoder=cfg.train_sam_encoder, train_clip=cfg.train_clip,
-                       patch_loss_weight=cfg.patch_loss_weight, seed=cfg.seed, out_dir=str(run_dir / "train"), save_checkpoints=False, device=cfg.device,
-                       progress=False, log_every=10 ** 9, eval_batch_size=cfg.eval_batch_size, threads=cfg.threads)
+                       aug_flip=cfg.aug_flip, train_sam_encoder=cfg.train_sam_encoder, train_clip=cfg.train_clip,
+                       patch_loss_weight=cfg.patch_loss_weight, seed=cfg.seed, out_dir=str(run_dir / "train"),
+                       save_checkpoints=False, device=cfg.device, progress=False, log_every=10 ** 9,
+                       eval_batch_size=cfg.eval_batch_size, threads=cfg.threads)
     t = time.time()
     res = train(tcfg, model=model, tokenizer=tok, train_set=train_set, val_set=None, on_epoch_end=on_epoch_end)
     report["train_s"] = round(time.time() - t, 2)
@@ -547,8 +551,11 @@ _HELP = {
     "min_heldout": "minimum held-out samples to validate (default 2)",
     "epochs": "passes over the training samples (default 10)",
     "max_steps": "stop after this many optimiser steps",
-    "train_sam_encoder": "true: also train SAM's image encoder (slower; default false: embeddings cached)",
+    "train_sam_encoder": "true/false: train SAM's image encoder (default: what the variant says; the demo: true, "
+                         "the official variants: false, embeddings cached)",
     "train_clip": "true/false: train CLIP (default: what the variant says)",
+    "aug_translate": "true/false: random placement of the image in CLIP's padded square (default true, as official)",
+    "aug_flip": "probability of a left-right mirror with 'left'/'right' swapped in the sentence (default 0)",
     "patch_loss_weight": "weight of the auxiliary referent-patch loss (ssp_sam.losses; default 0 = official)",
     "curve_every": "evaluate held-out mIoU every N epochs for the curve (0: off)",
     "lease_s": "claim lease in seconds, renewed by a heartbeat (default 1800)",

@@ -217,11 +217,15 @@ class SSPSAMBackend:
             mask = np.asarray(pred.mask).astype(bool)
             if mask.shape != (h, w):
                 raise ValueError(f"mask shape {mask.shape} != image shape {(h, w)}")
+            score = float(getattr(pred, "score", 0.0) or 0.0)
             if bool(getattr(pred, "no_target", False)) or not mask.any():
                 misses.append(prompt.sentence)
                 rt.metrics.inc("no_target")
+                # recorded too (an empty mask): a region the annotator then draws for this sentence is scored
+                # against it (IoU 0), and the per-version statistics count the model's "nothing here" answers
+                rt.record_prediction(project_id, task.get("id"), prompt.sentence, version, np.zeros_like(mask),
+                                     score)
                 continue
-            score = float(getattr(pred, "score", 0.0) or 0.0)
             regions.append(brush_region(mask, from_name=spec.brush_name, to_name=spec.image_name,
                                         label=prompt.label, score=score))
             scores.append(score)

@@ -14,7 +14,7 @@ plays a Label Studio project through the real backend:
 5. the backend hot-reloads the published version and ``/predict`` is scored again on the held-out tasks.
 
 Prints tables and writes ``--out`` (JSON). Usage:
-    python bench/learn_from_corrections.py --n 200 --epochs 15
+    python bench/learn_from_corrections.py --n 200          # the fine-tuning defaults of `ssp-sam finetune`
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -156,12 +157,16 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=200, help="corrections to send")
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--heldout", type=float, default=0.2)
-    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--epochs", type=int, default=None, help="default: FinetuneConfig's (what `ssp-sam finetune` uses)")
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--lr-decoder", type=float, default=1e-3)
-    ap.add_argument("--train-sam-encoder", action="store_true")
+    ap.add_argument("--lr", type=float, default=None, help="default: FinetuneConfig's")
+    ap.add_argument("--lr-decoder", type=float, default=None, help="default: FinetuneConfig's")
+    ap.add_argument("--train-sam-encoder", type=lambda v: v.lower() in ("1", "true", "yes"), default=None,
+                    help="true/false (default: what the variant says; the demo trains its encoder)")
+    ap.add_argument("--aug-translate", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+                    help="random CLIP placement (true/false)")
+    ap.add_argument("--aug-flip", type=float, default=0.0, help="left-right mirror probability (sentence swapped)")
     ap.add_argument("--patch-loss-weight", type=float, default=0.0, help="auxiliary referent-patch loss weight")
     ap.add_argument("--variant", default="demo")
     ap.add_argument("--base-checkpoint", default=None, help="default: the packaged demo model")
@@ -275,12 +280,14 @@ def main(argv=None) -> int:
             raise RuntimeError(f"failed events: {st['events']['failed_recent'][:3]}")
 
         # ---- 3. fine-tune and publish ----------------------------------------------------------------------------
+        given = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("lr_decoder", args.lr_decoder),
+                                   ("train_sam_encoder", args.train_sam_encoder)) if v is not None}
         fcfg = FinetuneConfig(model_dir=str(model_dir), datastore_url=args.datastore_url, variant=args.variant,
                               base_checkpoint=args.base_checkpoint, heldout_fraction=args.heldout,
-                              epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-                              lr=args.lr, lr_decoder=args.lr_decoder, train_sam_encoder=args.train_sam_encoder,
-                              patch_loss_weight=args.patch_loss_weight, device="cpu", threads=args.threads,
-                              min_heldout=args.min_heldout)
+                              max_steps=args.max_steps, batch_size=args.batch_size,
+                              patch_loss_weight=args.patch_loss_weight, aug_translate=args.aug_translate,
+                              aug_flip=args.aug_flip, device="cpu", threads=args.threads,
+                              min_heldout=args.min_heldout, **given)
         rep = run_once(fcfg, store=store)
         if rep.get("decision") == "skipped":
             raise SystemExit(f"the fine-tuning round was skipped: {rep.get('reason')}")
@@ -290,6 +297,12 @@ def main(argv=None) -> int:
         result["heldout_before"] = {k: rep["before"].get(k) for k in ("mIoU", "oIoU", "Pr@0.90", "n")}
         result["heldout_after"] = {k: rep["after"].get(k) for k in ("mIoU", "oIoU", "Pr@0.90", "n")}
         result["report"] = str(model_dir / "runs" / rep["run_id"] / "report.json")
+        out = Path(args.out)  # keep the trainer's report and curve beside --out (the model dir may be temporary)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for name, suffix in (("report.json", "_report.json"), ("curve.png", "_curve.png")):
+            src = model_dir / "runs" / rep["run_id"] / name
+            if src.exists():
+                shutil.copyfile(src, out.with_name(out.stem + suffix))
 
         # ---- 4. the backend reloads the published version; /predict again on held-out tasks ---------------------
         if rep.get("decision") == "published" and not args.no_served_eval:

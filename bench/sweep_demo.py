@@ -36,6 +36,7 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     "patch20": ({}, dict(patch_loss_weight=20.0)),
     "p20c128": (dict(clip_image_size=128), dict(patch_loss_weight=20.0)),
     "p20e2e": ({}, dict(patch_loss_weight=20.0, train_sam_encoder=True)),
+    "flip": ({}, dict(aug_flip=0.5)),
 }
 
 

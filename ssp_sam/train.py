@@ -42,8 +42,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ssp_sam.data import Sample
 from ssp_sam.losses import grounding_loss, referent_patch_loss, ssp_sam_loss
 from ssp_sam.metrics import MetricAccumulator, empty_threshold, format_table
-from ssp_sam.transforms import (box_to_clip_frame, clip_input, frame_to_original, mask_to_clip_grid, mask_to_frame,
-                                sam_input)
+from ssp_sam.transforms import (box_to_clip_frame, clip_input, frame_to_original, hflip_sample, mask_to_clip_grid,
+                                mask_to_frame, sam_input)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ class TrainConfig:
     box_only: bool = False                   # REC pre-training: box losses only, SAM not run
     official_no_target_box: bool = False     # train no-target samples towards a zero box (official) instead of
     aug_translate: bool = True               # masking their box loss (ssp_sam/losses.py)
+    aug_flip: float = 0.0                    # probability of a left-right mirror with "left"/"right" swapped in the
+                                             # sentence (transforms.hflip_sample); 0 = official (no flip)
     seed: int = 3407
     max_steps: int | None = None             # stop after this many optimiser steps (tests, smoke runs)
     time_limit_min: float | None = None      # stop (then evaluate and save) after this wall time
@@ -196,13 +198,16 @@ class TrainView(torch.utils.data.Dataset):
 
     The SAM view (or its cached embedding) and the frame mask do not change between epochs, so they are computed once
     and kept (SAM input as float16). The CLIP view is rebuilt each time: with ``augment`` the image is placed at a
-    random spot of the padded square, drawn from (seed, epoch, index) so runs and resumes are reproducible.
+    random spot of the padded square, drawn from (seed, epoch, index) so runs and resumes are reproducible. With
+    ``flip`` > 0 a sample is mirrored (sentence's left/right swapped) with that probability, drawn the same way; the
+    mirrored views are cached under key ``-1 - index`` (and ``embeddings`` must hold them under that key too).
     """
 
     def __init__(self, samples: Sequence[Sample], spec, augment: bool, seed: int = 0,
                  embeddings: dict[int, torch.Tensor] | None = None, cache: bool = True,
-                 clip_grid: bool = False) -> None:
+                 clip_grid: bool = False, flip: float = 0.0) -> None:
         self.samples, self.spec, self.augment, self.seed = samples, spec, augment, seed
+        self.flip = flip
         self.clip_grid = clip_grid                # also yield the mask's CLIP-patch coverage (auxiliary losses)
         self.embeddings = embeddings
         self.cache = cache
@@ -230,7 +235,9 @@ class TrainView(torch.utils.data.Dataset):
         return m
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        s = self.samples[i]
+        s, key = self.samples[i], i
+        if self.flip > 0 and random.Random(hash((self.seed, self.epoch, i, 1))).random() < self.flip:
+            s, key = hflip_sample(s), -1 - i
         if self.augment:
             rng = random.Random(hash((self.seed, self.epoch, i)))
             clip, meta = clip_input(s.image, self.spec.clip_image_size, "random", rng)
@@ -238,15 +245,28 @@ class TrainView(torch.utils.data.Dataset):
             clip, meta = clip_input(s.image, self.spec.clip_image_size, "center")
         valid = s.box_xyxy is not None and bool(s.mask.any())
         box = box_to_clip_frame(s.box_xyxy, meta) if valid else torch.zeros(4)
-        item = {"clip": clip, "mask": self.frame_mask(i, s), "box": box.float(), "valid": valid,
+        item = {"clip": clip, "mask": self.frame_mask(key, s), "box": box.float(), "valid": valid,
                 "sentence": s.sentence, "index": i}
         if self.clip_grid:
             item["grid"] = mask_to_clip_grid(s.mask, meta, self.spec.clip_patch_size)
-        if self.embeddings is not None and i in self.embeddings:
-            item["emb"] = self.embeddings[i].float()
+        if self.embeddings is not None and key in self.embeddings:
+            item["emb"] = self.embeddings[key].float()
         else:
-            item["sam"] = self.sam_view(i, s)
+            item["sam"] = self.sam_view(key, s)
         return item
+
+
+class _Mirrored:
+    """A read-only view of a sample sequence, every sample mirrored (``hflip_sample``)."""
+
+    def __init__(self, samples: Sequence[Sample]) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> Sample:
+        return hflip_sample(self.samples[i])
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -459,9 +479,16 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_set: Sequence[Samp
     elif not spec.train_sam_encoder and not cfg.box_only and model.sam.image_encoder is not None:
         # frozen encoder: embed every image once, never per step
         train_emb = precompute_embeddings(model, train_set, spec, device=device, progress=cfg.progress and master)
+        if cfg.aug_flip > 0:  # the mirrored images have embeddings of their own (TrainView key -1 - i)
+            flipped = precompute_embeddings(model, _Mirrored(train_set), spec, device=device)
+            train_emb.update({-1 - i: e for i, e in flipped.items()})
         val_emb = precompute_embeddings(model, val_set, spec, device=device) if val_set is not None else None
+    if cfg.aug_flip > 0 and cfg.embeddings_dir and train_emb is not None:
+        raise ValueError("--aug-flip needs the SAM embeddings of mirrored images: run without --embeddings-dir "
+                         "(they are then computed in memory) or set --aug-flip 0")
+    clip_grid = cfg.patch_loss_weight > 0 or (cfg.grounding_loss_weight > 0 and not cfg.box_only)
     view = TrainView(train_set, spec, augment=cfg.aug_translate, seed=cfg.seed, embeddings=train_emb,
-                     clip_grid=cfg.patch_loss_weight > 0 or (cfg.grounding_loss_weight > 0 and not cfg.box_only))
+                     flip=cfg.aug_flip, clip_grid=clip_grid)
     sampler = DistributedSampler(view, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True) \
         if world > 1 else None
     g = torch.Generator().manual_seed(cfg.seed)

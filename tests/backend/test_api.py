@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import logging
 
+import numpy as np
 import pytest
 
 from backend.brush import rle_to_mask
@@ -136,10 +137,13 @@ def test_predictor_failure_is_isolated_per_task(make_app, ls_media):
     assert [bool(x["result"]) for x in res] == [True, False, True]
 
 
-def test_no_target_gives_no_region(client, ls_media):
+def test_no_target_gives_no_region(client, ls_media, store):
     img = ls_media("a.png", png_bytes())
     res = client.post("/predict", json=predict_body([task(1, img, "nothing here")])).get_json()["results"]
     assert res[0]["result"] == [] and res[0]["score"] == 0.0
+    # still recorded, as an empty mask, so a region drawn later is scored against "nothing here"
+    (rec,) = store.predictions
+    assert rec["sentence"] == "nothing here" and rec["task_id"] == 1 and not np.asarray(rec["mask"]).any()
 
 
 def test_several_sentences_give_several_regions(client, ls_media):

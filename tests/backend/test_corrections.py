@@ -267,6 +267,50 @@ def test_origin_and_model_version_tracking(store, worker):
     assert v["mean_iou"] == pytest.approx(0.5, abs=1e-3) and v["queued"] == 3
 
 
+def test_region_drawn_where_the_model_saw_nothing_scores_zero(store, worker):
+    store.record_prediction(1, 10, "the red square", "demo-1", np.zeros_like(_mask()), 0.1)  # a no-target answer
+    p = _ev(aid=65, tid=10)
+    del p["annotation"]["result"][0]["origin"]
+    _send(store, worker, p)
+    (s,) = store.list_samples()
+    assert s["origin"] == "manual" and s["model_version"] == "demo-1" and s["prediction_iou"] == pytest.approx(0.0)
+    v = store.version_stats()["demo-1"]
+    assert (v["predictions"], v["no_target_predictions"], v["manual"], v["mean_iou"]) == (1, 1, 1, 0.0)
+
+
+def test_annotation_without_regions_is_a_no_target_sample(store, worker):
+    # the model predicted nothing for task 10 and a mask for task 11; both annotators submit no region
+    store.record_prediction(1, 10, "the purple star", "demo-1", np.zeros_like(_mask()), 0.1)
+    store.record_prediction(1, 11, "the purple star", "demo-1", _mask(), 0.8)
+    for aid, tid in ((80, 10), (81, 11)):
+        ev = _send(store, worker, annotation_event("ANNOTATION_CREATED", aid, tid, 1, "/data/upload/1/a.png",
+                                                   "the purple star", None))
+        assert ev["status"] == "done", ev
+    by = {s["annotation_id"]: s for s in store.list_samples()}
+    assert set(by) == {80, 81}
+    for s in by.values():
+        assert s["region_id"] == "no-target" and s["mask_area"] == 0 and s["sentence"] == "the purple star"
+        assert (s["width"], s["height"]) == (W, H) and s["model_version"] == "demo-1"
+    assert (by[80]["origin"], by[80]["prediction_iou"]) == ("prediction", 1.0)        # "nothing here" confirmed
+    assert (by[81]["origin"], by[81]["prediction_iou"]) == ("prediction-changed", 0.0)  # the mask was removed
+    image, mask = store.load_sample(by[81])                     # what the trainer reads: the image, an empty mask
+    assert image.shape[:2] == (H, W) and mask.shape == (H, W) and not mask.any()
+    # a later update that draws a region replaces the no-target sample
+    _send(store, worker, _ev("ANNOTATION_UPDATED", aid=81, tid=11, sentence="the purple star",
+                             updated_at="2026-01-02T00:00:00.000000Z"))
+    assert [(s["region_id"], s["mask_area"] > 0) for s in store.list_samples() if s["annotation_id"] == 81] == [
+        ("r1", True)]
+
+
+def test_annotation_without_regions_or_sentence_adds_nothing(store, media):
+    w = CorrectionWorker(store, Fetcher(), {"backoff_base_s": 0.0})
+    _send(store, w, annotation_event("ANNOTATION_CREATED", 82, 12, 1, "/data/upload/1/a.png", None, None))
+    assert store.list_samples() == []
+    off = CorrectionWorker(store, Fetcher(), {"backoff_base_s": 0.0, "empty_annotation_is_no_target": False})
+    _send(store, off, annotation_event("ANNOTATION_CREATED", 83, 13, 1, "/data/upload/1/a.png", "a star", None))
+    assert store.list_samples() == []
+
+
 def test_missing_origin_is_inferred_from_the_prediction(store, worker):
     store.record_prediction(1, 10, "the red square", "demo-1", _mask(), 0.9)
     p = _ev(aid=70)

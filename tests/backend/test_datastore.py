@@ -327,6 +327,10 @@ def test_record_prediction_and_version_stats(store):
     assert v1["mean_iou"] == pytest.approx(0.5) and v1["iou_samples"] == 3 and v1["queued"] == 3
     assert v1["acceptance_rate"] == pytest.approx(1 / 3, abs=1e-3) and v1["mean_lead_time"] == pytest.approx(3.0)
     assert vs["v2"]["predictions"] == 1 and vs["v2"]["regions"] == 0
+    assert v1["no_target_predictions"] == 0
+    store.record_prediction(1, 103, "the purple star", "v2", np.zeros((6, 8), bool), 0.1)  # "nothing here"
+    assert store.version_stats()["v2"]["no_target_predictions"] == 1
+    assert store.version_stats()["v2"]["predictions"] == 2
     assert vs["unknown"]["manual"] == 1
     cl = store.claim_samples("t", 60)
     store.complete_claim(cl.claim_id)

@@ -136,9 +136,11 @@ def test_failed_round_releases_the_claim(tmp_path, tiny_base, requests_mock, mon
     def boom(*a, **k):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(ssp_sam.train, "train", boom)
+    seen = []
+    monkeypatch.setattr(ssp_sam.train, "train", lambda cfg, *a, **k: seen.append(cfg) or boom())
     with pytest.raises(RuntimeError):
-        run_once(_cfg(tmp_path, tiny_base), store=store)
+        run_once(_cfg(tmp_path, tiny_base, aug_flip=0.5, aug_translate=False), store=store)
+    assert (seen[0].aug_flip, seen[0].aug_translate) == (0.5, False)  # the round's options reach the trainer
     assert store.count_new_samples() == 8  # nothing lost
     assert store.list_runs()[-1]["status"] == "failed"
     store.close()
@@ -154,6 +156,8 @@ def test_cli_and_watch(tmp_path, tiny_base, requests_mock, monkeypatch):
                               "--base-checkpoint", tiny_base, "--heldout", "0.3", "--max-steps", "1",
                               "--min-train", "2", "--min-heldout", "1", "--device", "cpu", "--tolerance", "1"])
     assert args.heldout_fraction == 0.3 and args.max_steps == 1 and args.tolerance == 1.0
+    flags = parser.parse_args(["finetune", "--once", "--aug-flip", "0.5", "--aug-translate", "false"])
+    assert (flags.aug_flip, flags.aug_translate) == (0.5, False)
     # no samples: a skipped round is a success (exit 0)
     assert args.func(args) == 0
 

@@ -22,7 +22,7 @@ N_CORRECTIONS = int(os.environ.get("FINETUNE_CI_N", "40"))
 EPOCHS = int(os.environ.get("FINETUNE_CI_EPOCHS", "8"))
 BATCH = int(os.environ.get("FINETUNE_CI_BATCH", "4"))
 LR = float(os.environ.get("FINETUNE_CI_LR", "1e-3"))
-MIN_GAIN = 0.05  # held-out mIoU, absolute (5 points)
+MIN_GAIN = 0.10  # held-out mIoU, absolute (10 points; measured +25 with the defaults, 2026-11-26)
 
 
 def _demo_bundle():

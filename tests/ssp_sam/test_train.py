@@ -56,6 +56,43 @@ def test_param_groups_and_view():
     assert torch.equal(view[i]["clip"], view[i]["clip"]) and len(placements) > 1
 
 
+def test_flip_view_mirrors_image_mask_box_and_sentence():
+    from ssp_sam.transforms import hflip_sample, swap_left_right
+
+    assert swap_left_right("The leftmost star, left of the Right square; lefty") == \
+        "The rightmost star, right of the Left square; lefty"
+    model = build_model("tiny", seed=0)
+    i = next(k for k in range(len(TRAIN)) if TRAIN[k].mask.any() and TRAIN[k].image.shape[0] != TRAIN[k].image.shape[1])
+    s, f = TRAIN[i], hflip_sample(TRAIN[i])
+    w = s.image.shape[1]
+    assert (f.image == s.image[:, ::-1]).all() and (f.mask == s.mask[:, ::-1]).all()
+    assert f.box_xyxy.tolist() == [w - s.box_xyxy[2], s.box_xyxy[1], w - s.box_xyxy[0], s.box_xyxy[3]]
+    plain = TrainView(TRAIN, model.spec, augment=False, seed=0)
+    always = TrainView(TRAIN, model.spec, augment=False, seed=0, flip=1.0)
+    a, b = plain[i], always[i]
+    assert b["sentence"] == swap_left_right(a["sentence"]) and b["index"] == i
+    assert torch.equal(b["mask"], TrainView([f], model.spec, augment=False)[0]["mask"])  # mirrored before padding
+    assert not torch.equal(a["mask"], b["mask"])
+    assert torch.equal(plain[i]["mask"], a["mask"])  # the two orientations are cached apart
+    half = TrainView(TRAIN, model.spec, augment=False, seed=0, flip=0.5)
+    flips = [half[k]["sentence"] != plain[k]["sentence"] or not torch.equal(half[k]["mask"], plain[k]["mask"])
+             for k in range(len(TRAIN))]
+    assert 0 < sum(flips) < len(TRAIN)
+
+
+def test_flip_with_a_frozen_encoder_embeds_the_mirrored_images(tmp_path, monkeypatch):
+    import ssp_sam.train as train_mod
+
+    embedded, real = [], train_mod.precompute_embeddings  # train set, its mirror, the validation set
+    monkeypatch.setattr(train_mod, "precompute_embeddings",
+                        lambda model, samples, *a, **k: embedded.append([samples[0].image.copy()]) or
+                        real(model, samples, *a, **k))
+    res = train(_cfg(tmp_path, epochs=1, save_checkpoints=False, aug_flip=0.5, train_sam_encoder=False),
+                train_set=TRAIN, val_set=None)
+    assert res.steps == 6 and math.isfinite(res.history[-1]["train/total"])
+    assert len(embedded) == 3 and (embedded[1][0] == TRAIN[0].image[:, ::-1]).all()
+
+
 def test_train_runs_and_reports(tmp_path):
     seen = []
     result = train(_cfg(tmp_path, epochs=2), train_set=TRAIN, val_set=VAL, on_epoch_end=seen.append)
