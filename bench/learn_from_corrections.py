@@ -171,6 +171,10 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", default="demo")
     ap.add_argument("--base-checkpoint", default=None, help="default: the packaged demo model")
     ap.add_argument("--min-heldout", type=int, default=5)
+    ap.add_argument("--none-share", type=float, default=0.0,
+                    help="share of no-target sentences, submitted without a region (default 0)")
+    ap.add_argument("--ignore-empty", action="store_true",
+                    help="EMPTY_ANNOTATION_IS_NO_TARGET=false: annotations without a region add no sample")
     ap.add_argument("--accept-iou", type=float, default=0.95)
     ap.add_argument("--min-size", type=int, default=None, help="synthetic image side range (default: generator's)")
     ap.add_argument("--max-size", type=int, default=None)
@@ -193,9 +197,13 @@ def main(argv=None) -> int:
     t_all = time.time()
     model_dir = Path(args.model_dir or tempfile.mkdtemp(prefix="learn-from-corrections-"))
     model_dir.mkdir(parents=True, exist_ok=True)
-    # annotators draw masks: every sentence of the bench refers to something ("none" kind left out)
-    syn_kw = {"domain": "novel", "kind_weights": {"attr": 0.40, "abs_pos": 0.18, "rel_pos": 0.12, "ordinal": 0.10,
-                                                   "multi": 0.20}}
+    # by default every sentence refers to something ("none" kind left out); --none-share adds no-target sentences,
+    # which the annotator submits without a region (kept as no-target samples, EMPTY_ANNOTATION_IS_NO_TARGET)
+    weights = {"attr": 0.40, "abs_pos": 0.18, "rel_pos": 0.12, "ordinal": 0.10, "multi": 0.20}
+    weights = {k: v * (1 - args.none_share) for k, v in weights.items()}
+    if args.none_share > 0:
+        weights["none"] = args.none_share
+    syn_kw = {"domain": "novel", "kind_weights": weights}
     if args.min_size:
         syn_kw["min_size"] = args.min_size
     if args.max_size:
@@ -217,6 +225,8 @@ def main(argv=None) -> int:
         env["SSP_SAM_CHECKPOINT"] = args.base_checkpoint
     if args.datastore_url:
         env["DATASTORE_URL"] = args.datastore_url
+    if args.ignore_empty:
+        env["EMPTY_ANNOTATION_IS_NO_TARGET"] = "false"
     result: dict = {"machine": _machine(), "n": args.n, "seed": args.seed, "heldout_fraction": args.heldout,
                     "n_heldout_tasks": len(held_ids), "model_dir": str(model_dir), "args": vars(args)}
 
@@ -240,13 +250,15 @@ def main(argv=None) -> int:
                  100 * result["served_before"]["mIoU"])
 
         # ---- 2. the annotator submits; LS posts webhooks ----------------------------------------------------------
-        origins = {"prediction": 0, "prediction-changed": 0, "manual": 0}
+        origins = {"prediction": 0, "prediction-changed": 0, "manual": 0, "empty": 0}
         lat = []
         for k, task in enumerate(tasks):
             tid = task["id"]
             p = preds.get(tid)
             gt = truth[tid].astype(bool)
-            if p is not None and p.any() and mask_iou(p, gt) >= args.accept_iou:
+            if not gt.any():  # nothing matches: submitted without a region (the predicted one deleted, if any)
+                origin, submitted = "empty", None
+            elif p is not None and p.any() and mask_iou(p, gt) >= args.accept_iou:
                 origin, submitted = "prediction", p
             elif p is not None and p.any():
                 origin, submitted = "prediction-changed", gt
@@ -294,8 +306,9 @@ def main(argv=None) -> int:
         result["finetune"] = {k: rep.get(k) for k in ("run_id", "decision", "reason", "version", "n_train",
                                                        "n_heldout", "train_s", "eval_s", "steps",
                                                        "delta_mIoU_points", "curve")}
-        result["heldout_before"] = {k: rep["before"].get(k) for k in ("mIoU", "oIoU", "Pr@0.90", "n")}
-        result["heldout_after"] = {k: rep["after"].get(k) for k in ("mIoU", "oIoU", "Pr@0.90", "n")}
+        keys = ("mIoU", "oIoU", "Pr@0.90", "N-acc", "n", "n_empty")
+        result["heldout_before"] = {k: rep["before"].get(k) for k in keys}
+        result["heldout_after"] = {k: rep["after"].get(k) for k in keys}
         result["report"] = str(model_dir / "runs" / rep["run_id"] / "report.json")
         out = Path(args.out)  # keep the trainer's report and curve beside --out (the model dir may be temporary)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -354,6 +367,9 @@ def print_tables(r: dict) -> None:
     if b and a:
         print(f"delta held-out mIoU: {100 * (a['mIoU'] - b['mIoU']):+.2f} points; decision: "
               f"{r['finetune']['decision']} ({r['finetune']['reason']})")
+        if a.get("n_empty"):
+            print(f"held-out no-target tasks: {int(a['n_empty'])}, N-acc {100 * b['N-acc']:.1f} -> "
+                  f"{100 * a['N-acc']:.1f}")
     print(f"\nwebhook latency (Flask test client, enqueue + commit): p50 {r['webhook_latency_ms']['p50']} ms, "
           f"p95 {r['webhook_latency_ms']['p95']} ms, max {r['webhook_latency_ms']['max']} ms")
     print(f"origins: {r['origins']}; ingest {r['ingest_s']} s; training {r['finetune'].get('train_s')} s "

@@ -321,8 +321,11 @@ def test_label_studio_end_to_end(servers):
             time.sleep(0.2)
             event = store.get_event(r.json()["event_id"])
         assert event["status"] == "done", (event, _tail(servers["be_log"]))
+        kept = store.list_samples(active=True, annotation_id=ann["id"])
         if any(r.get("type") == "brushlabels" for r in result):  # the accepted prediction had a mask
-            assert store.list_samples(active=True, annotation_id=ann["id"]), store.stats()
+            assert kept and kept[0]["mask_area"] > 0, store.stats()
+        else:  # "nothing here" accepted: a no-target sample
+            assert [(k["region_id"], k["mask_area"]) for k in kept] == [("no-target", 0)], store.stats()
     finally:
         store.close()
 
@@ -350,12 +353,23 @@ def test_label_studio_end_to_end(servers):
                 "value": {"text": [sentence]}}
         call("POST", f"/api/tasks/{by_scene[i]['id']}/annotations",
              json={"result": [region, text], "was_cancelled": False, "ground_truth": False, "lead_time": 3.0})
+    # ...and one finds nothing for a sentence and submits it without a region: kept as a no-target sample
+    nothing = call("POST", f"/api/tasks/{by_scene[0]['id']}/annotations",
+                   json={"result": [{"id": "nt", "from_name": "prompt", "to_name": "image", "type": "textarea",
+                                     "value": {"text": ["the purple hexagon"]}}],
+                         "was_cancelled": False, "ground_truth": False, "lead_time": 2.0})
     store = open_datastore(None, model_dir=servers["model_dir"])
     try:
         deadline = time.monotonic() + 120      # the backend's correction worker turns events into samples
-        while time.monotonic() < deadline and len(store.list_samples(active=True)) < N_SCENES - 1:
+
+        def landed():
+            return (len(store.list_samples(active=True)) >= N_SCENES + 1  # + the accepted one above
+                    and store.list_samples(active=True, annotation_id=nothing["id"]))
+        while time.monotonic() < deadline and not landed():
             time.sleep(0.5)
-        assert len(store.list_samples(active=True)) >= N_SCENES - 1, store.stats()
+        assert landed(), store.stats()
+        (nt,) = store.list_samples(active=True, annotation_id=nothing["id"])
+        assert (nt["region_id"], nt["mask_area"], nt["sentence"]) == ("no-target", 0, "the purple hexagon")
     finally:
         store.close()
     t2 = time.monotonic()
