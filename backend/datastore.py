@@ -779,18 +779,18 @@ class Datastore:
 
         ``{version: {"predictions", "no_target_predictions", "regions", "accepted", "changed", "manual",
         "acceptance_rate", "mean_iou", "iou_samples", "mean_lead_time", "queued"}}``; ``predictions`` counts every
-        recorded sentence, ``no_target_predictions`` those the model answered with an empty mask; ``accepted``/``changed``/``manual`` count active regions by
-        ``origin`` in annotations whose parent prediction came from that version; ``mean_iou`` is the mean IoU
-        between the recorded prediction and the submitted mask; ``queued`` counts active samples not yet consumed by
-        a training run. Samples whose version is unknown are reported under ``"unknown"``.
+        recorded sentence, ``no_target_predictions`` those the model answered with an empty mask;
+        ``accepted``/``changed``/``manual`` count active regions by ``origin`` in annotations whose parent
+        prediction came from that version; ``mean_iou`` is the mean IoU between the recorded prediction and the
+        submitted mask; ``queued`` counts active samples not yet consumed by a training run. Samples whose version is unknown are reported under ``"unknown"``.
         """
         out: dict[str, dict] = {}
 
         def entry(v):
             v = v if v is not None else "unknown"
-            return out.setdefault(v, {"predictions": 0, "no_target_predictions": 0, "regions": 0, "accepted": 0, "changed": 0, "manual": 0,
-                                      "acceptance_rate": None, "mean_iou": None, "iou_samples": 0,
-                                      "mean_lead_time": None, "queued": 0})
+            return out.setdefault(v, {"predictions": 0, "no_target_predictions": 0, "regions": 0, "accepted": 0,
+                                      "changed": 0, "manual": 0, "acceptance_rate": None, "mean_iou": None,
+                                      "iou_samples": 0, "mean_lead_time": None, "queued": 0})
 
         with self._tx(write=False) as c:
             for r in self._rows(self._exec(c, "SELECT model_version, COUNT(*) AS n,"

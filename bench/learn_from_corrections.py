@@ -152,6 +152,10 @@ def served_miou(preds: dict, truth: dict, ids: list[int]) -> dict:
             "Pr@0.90": float(np.mean([x >= 0.9 for x in ious])) if ious else float("nan"), "n": len(ious)}
 
 
+def _flag(value: str) -> bool:
+    return value.lower() in ("1", "true", "yes")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200, help="corrections to send")
@@ -162,9 +166,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=None, help="default: FinetuneConfig's")
     ap.add_argument("--lr-decoder", type=float, default=None, help="default: FinetuneConfig's")
-    ap.add_argument("--train-sam-encoder", type=lambda v: v.lower() in ("1", "true", "yes"), default=None,
+    ap.add_argument("--train-sam-encoder", type=_flag, default=None,
                     help="true/false (default: what the variant says; the demo trains its encoder)")
-    ap.add_argument("--aug-translate", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+    ap.add_argument("--aug-translate", type=_flag, default=True,
                     help="random CLIP placement (true/false)")
     ap.add_argument("--aug-flip", type=float, default=0.0, help="left-right mirror probability (sentence swapped)")
     ap.add_argument("--patch-loss-weight", type=float, default=0.0, help="auxiliary referent-patch loss weight")
@@ -197,6 +201,8 @@ def main(argv=None) -> int:
     t_all = time.time()
     model_dir = Path(args.model_dir or tempfile.mkdtemp(prefix="learn-from-corrections-"))
     model_dir.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     # by default every sentence refers to something ("none" kind left out); --none-share adds no-target sentences,
     # which the annotator submits without a region (kept as no-target samples, EMPTY_ANNOTATION_IS_NO_TARGET)
     weights = {"attr": 0.40, "abs_pos": 0.18, "rel_pos": 0.12, "ordinal": 0.10, "multi": 0.20}
@@ -310,8 +316,7 @@ def main(argv=None) -> int:
         result["heldout_before"] = {k: rep["before"].get(k) for k in keys}
         result["heldout_after"] = {k: rep["after"].get(k) for k in keys}
         result["report"] = str(model_dir / "runs" / rep["run_id"] / "report.json")
-        out = Path(args.out)  # keep the trainer's report and curve beside --out (the model dir may be temporary)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        # keep the trainer's report and curve beside --out (the model dir may be temporary)
         for name, suffix in (("report.json", "_report.json"), ("curve.png", "_curve.png")):
             src = model_dir / "runs" / rep["run_id"] / name
             if src.exists():
@@ -331,8 +336,6 @@ def main(argv=None) -> int:
         rt.stop()
     result["total_s"] = round(time.time() - t_all, 1)
     print_tables(result)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"\nwritten {out}")
     return 0

@@ -467,6 +467,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_set: Sequence[Samp
     train_emb = val_emb = None
     if cfg.embeddings_dir and not spec.train_sam_encoder and not cfg.box_only:
         # cached by `ssp-sam embed` (SAM never runs here)
+        if cfg.aug_flip > 0:
+            raise ValueError("--aug-flip needs the SAM embeddings of mirrored images: run without --embeddings-dir "
+                             "(they are then computed in memory) or set --aug-flip 0")
         from ssp_sam.embed import EmbeddingStore
 
         train_emb = EmbeddingStore(cfg.embeddings_dir, train_set)
@@ -483,9 +486,6 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_set: Sequence[Samp
             flipped = precompute_embeddings(model, _Mirrored(train_set), spec, device=device)
             train_emb.update({-1 - i: e for i, e in flipped.items()})
         val_emb = precompute_embeddings(model, val_set, spec, device=device) if val_set is not None else None
-    if cfg.aug_flip > 0 and cfg.embeddings_dir and train_emb is not None:
-        raise ValueError("--aug-flip needs the SAM embeddings of mirrored images: run without --embeddings-dir "
-                         "(they are then computed in memory) or set --aug-flip 0")
     clip_grid = cfg.patch_loss_weight > 0 or (cfg.grounding_loss_weight > 0 and not cfg.box_only)
     view = TrainView(train_set, spec, augment=cfg.aug_translate, seed=cfg.seed, embeddings=train_emb,
                      flip=cfg.aug_flip, clip_grid=clip_grid)

@@ -93,6 +93,12 @@ def test_flip_with_a_frozen_encoder_embeds_the_mirrored_images(tmp_path, monkeyp
     assert len(embedded) == 3 and (embedded[1][0] == TRAIN[0].image[:, ::-1]).all()
 
 
+def test_flip_refuses_an_embedding_cache_without_mirrored_images(tmp_path):
+    with pytest.raises(ValueError, match="aug-flip"):
+        train(_cfg(tmp_path, aug_flip=0.5, train_sam_encoder=False, embeddings_dir=str(tmp_path / "nowhere")),
+              train_set=TRAIN, val_set=None)
+
+
 def test_train_runs_and_reports(tmp_path):
     seen = []
     result = train(_cfg(tmp_path, epochs=2), train_set=TRAIN, val_set=VAL, on_epoch_end=seen.append)
