@@ -281,17 +281,24 @@ def _jsonable(x: Any) -> Any:
 
 
 def load_dataset(spec: str, train: bool = False, progress: bool = False):
-    """``synthetic:N[:seed=S][:domain=D]`` | ``file.jsonl`` | ``official:ROOT:DATASET:SPLIT[:images=DIR]``."""
+    """``synthetic:N[:seed=S][:domain=D][:kinds=K=W,...]`` | ``file.jsonl`` |
+    ``official:ROOT:DATASET:SPLIT[:images=DIR]``."""
     if spec.startswith("synthetic:"):
         from ssp_sam.data.synthetic import SyntheticConfig, SyntheticDataset
 
         parts = spec.split(":")[1:]
         n, opts = int(parts[0]), dict(p.split("=", 1) for p in parts[1:])
-        unknown = set(opts) - {"seed", "domain", "min_size", "max_size"}
+        unknown = set(opts) - {"seed", "domain", "min_size", "max_size", "kinds"}
         if unknown:
-            raise ValueError(f"{spec}: unknown options {sorted(unknown)} (seed, domain, min_size, max_size)")
+            raise ValueError(f"{spec}: unknown options {sorted(unknown)} (seed, domain, min_size, max_size, kinds)")
+        extra = {}
+        if "kinds" in opts:  # kinds=attr=0.2,abs_pos=0.3,...: the sentence-kind mix (training data only)
+            try:
+                extra["kind_weights"] = {k: float(v) for k, v in (kv.split("=", 1) for kv in opts["kinds"].split(","))}
+            except ValueError:
+                raise ValueError(f"{spec}: kinds must read kinds=KIND=WEIGHT,KIND=WEIGHT,...") from None
         cfg = SyntheticConfig(domain=opts.get("domain", "base"), min_size=int(opts.get("min_size", 96)),
-                              max_size=int(opts.get("max_size", 160)))
+                              max_size=int(opts.get("max_size", 160)), **extra)
         return SyntheticDataset(n, seed=int(opts.get("seed", 0)), config=cfg, progress=progress)
     if spec.startswith("official:"):
         parts = spec.split(":")

@@ -115,3 +115,14 @@ def test_load_dataset_errors():
     with pytest.raises(ValueError):
         load_dataset("synthetic:3:colour=red")
     assert len(load_dataset("synthetic:3:seed=4:domain=novel")) == 3
+
+
+def test_load_dataset_kind_mix():
+    """``kinds=`` sets the sentence-kind mix of a synthetic training set; a bad mix is refused with a clear message."""
+    only_none = load_dataset("synthetic:6:seed=1:kinds=none=1.0")
+    assert {only_none[i].meta["kind"] for i in range(6)} == {"none"}
+    assert all(not only_none[i].mask.any() for i in range(6))
+    with pytest.raises(ValueError, match="kinds must read"):
+        load_dataset("synthetic:3:kinds=attr")
+    with pytest.raises(ValueError, match="unknown sentence kinds"):
+        load_dataset("synthetic:3:kinds=colour=1")
