@@ -154,15 +154,16 @@ def served_miou(preds: dict, truth: dict, ids: list[int]) -> dict:
             "Pr@0.90": float(np.mean([x >= 0.9 for x in ious])) if ious else float("nan"), "n": len(ious)}
 
 
-def fresh_eval(scenes, args, published_path: str | None) -> dict:
-    """Metrics of the base model and of the published version (if any) on scenes never sent as corrections."""
+def fresh_eval(scenes, variant: str, parent_path: str | None, published_path: str | None) -> dict:
+    """Metrics of the model the round started from (``parent_path``; None = the packaged demo) and of the published
+    version (if any) on scenes never sent as corrections."""
     from ssp_sam.build import ModelConfig, load_model
     from ssp_sam.train import evaluate_model
 
     out = {"n": len(scenes)}
-    models = {"before": ModelConfig(variant=args.variant, checkpoint=args.base_checkpoint, device="cpu")}
+    models = {"before": ModelConfig(variant=variant, checkpoint=parent_path, device="cpu")}
     if published_path:
-        models["after"] = ModelConfig(variant=args.variant, checkpoint=published_path, device="cpu")
+        models["after"] = ModelConfig(variant=variant, checkpoint=published_path, device="cpu")
     for name, mcfg in models.items():
         loaded = load_model(mcfg)
         m = evaluate_model(loaded.model, loaded.tokenizer, scenes, original_resolution=False)
@@ -360,8 +361,9 @@ def main(argv=None) -> int:
         rt.stop()
     if args.fresh_eval > 0:
         fresh = SyntheticDataset(args.fresh_eval, seed=args.seed + 100_000, config=SyntheticConfig(**syn_kw))
-        result["fresh"] = fresh_eval(fresh, args, rep.get("version_path") if rep.get("decision") == "published"
-                                     else None)
+        # "before" is the model the round fine-tuned from: the base, or the version already published in --model-dir
+        result["fresh"] = fresh_eval(fresh, args.variant, rep["parent"]["path"],
+                                     rep.get("version_path") if rep.get("decision") == "published" else None)
     result["total_s"] = round(time.time() - t_all, 1)
     print_tables(result)
     out.write_text(json.dumps(result, indent=2, default=str))

@@ -288,9 +288,10 @@ def load_dataset(spec: str, train: bool = False, progress: bool = False):
 
         parts = spec.split(":")[1:]
         n, opts = int(parts[0]), dict(p.split("=", 1) for p in parts[1:])
-        unknown = set(opts) - {"seed", "domain", "min_size", "max_size", "kinds"}
+        known = ("seed", "domain", "min_size", "max_size", "kinds")
+        unknown = set(opts) - set(known)
         if unknown:
-            raise ValueError(f"{spec}: unknown options {sorted(unknown)} (seed, domain, min_size, max_size, kinds)")
+            raise ValueError(f"{spec}: unknown options {sorted(unknown)} ({', '.join(known)})")
         extra = {}
         if "kinds" in opts:  # kinds=attr=0.2,abs_pos=0.3,...: the sentence-kind mix (training data only)
             try:
