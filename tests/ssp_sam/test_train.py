@@ -170,3 +170,20 @@ def test_referent_patch_loss_trains_a_head_that_resumes_and_stays_out_of_the_bun
 
     loaded = load_model(ModelConfig(variant="tiny", checkpoint=str(full.best_path), device="cpu"))
     assert set(loaded.model.state_dict()) == set(build_model("tiny").state_dict())
+
+
+def test_grounding_warmup_trains_everything_but_sam(tmp_path):
+    """While ``ground_first_min`` lasts, steps are box-only: SAM (encoder and decoder) is not run and keeps its
+    weights; the SSP encoder, prompt generator and box head learn. With 0 (the default) SAM trains from the start."""
+    def changed(before, after, prefix):
+        return [k for k in before if k.startswith(prefix) and not torch.equal(before[k], after[k])]
+
+    for minutes, sam_trains in ((60.0, False), (0.0, True)):
+        model = build_model("tiny", seed=0)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        res = train(_cfg(tmp_path / str(minutes), epochs=1, ground_first_min=minutes, patch_loss_weight=2.0,
+                         save_checkpoints=False), model=model, train_set=TRAIN, val_set=None)
+        after = model.state_dict()
+        assert bool(changed(before, after, "sam.")) == sam_trains
+        assert changed(before, after, "prompt_generator.") and changed(before, after, "vad.")
+        assert ("train/dice" in res.history[0]) == sam_trains and res.history[0]["train/patch"] > 0
