@@ -2,7 +2,7 @@
 seed 1, the held-out report of docs/training.md seed 2).
 
 Issue 3 asks for mIoU >= 0.75 and N-acc >= 0.80. Measured on 1000 held-out scenes the committed bundle reaches
-N-acc 0.892 but mIoU 0.601 (docs/training.md). ``test_demo_meets_no_target_bar`` asserts the first with a margin for
+N-acc 0.892 but mIoU 0.615 (docs/training.md). ``test_demo_meets_no_target_bar`` asserts the first with a margin for
 150 scenes (~48 are no-target, so N-acc has a standard error of about 0.05 near 0.85-0.9 and 0.75 is ~2.5 of them
 under the measured 0.917); ``test_demo_meets_miou_bar`` is a strict xfail: it documents the gap and turns into a
 failure (XPASS) the day a bundle that meets the bar is committed, so the marker gets removed (per-sample IoU has a
@@ -48,9 +48,9 @@ def test_demo_regression(metrics):
     m = metrics
     assert m["n"] == 150 and m["n_empty"] >= 20
     target_miou = (m["mIoU"] * m["n"] - m["N-acc"] * m["n_empty"]) / (m["n"] - m["n_empty"])
-    assert target_miou >= 0.42, m        # measured 0.493
-    assert m["multi/mIoU"] >= 0.55, m    # measured 0.700
-    assert m["attr/mIoU"] >= 0.42, m     # measured 0.542
+    assert target_miou >= 0.42, m        # measured 0.490
+    assert m["multi/mIoU"] >= 0.55, m    # measured 0.635
+    assert m["attr/mIoU"] >= 0.42, m     # measured 0.475
     assert m["_seconds"] < 60
 
 
@@ -60,4 +60,4 @@ def test_demo_meets_no_target_bar(metrics):
 
 @pytest.mark.xfail(strict=True, reason="the committed demo bundle misses the issue-3 mIoU bar (docs/training.md)")
 def test_demo_meets_miou_bar(metrics):
-    assert metrics["mIoU"] >= 0.70, metrics  # issue bar 0.75; measured 0.629 here, 0.601 on 1000 scenes
+    assert metrics["mIoU"] >= 0.70, metrics  # issue bar 0.75; measured 0.626 here, 0.615 on 1000 scenes
