@@ -558,6 +558,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_set: Sequence[Samp
     stop = False
     last_path = best_path = None
     sam_params = {id(p) for p in model.sam.parameters()}   # not run (no gradient) in box-only steps
+    warming_up = cfg.ground_first_min > 0                   # grounding warm-up; once over (time only grows) it stays
     for epoch in range(start_epoch, cfg.epochs):
         if stop or (cfg.max_steps and step >= cfg.max_steps):
             break
@@ -573,12 +574,14 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_set: Sequence[Samp
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and master),
                    leave=False)
         for batch in bar:
+            elapsed = elapsed_before + time.time() - t_start
             if cfg.schedule == "time":  # rank 0's clock decides, so every rank uses the same lr
-                frac = _from_rank0((elapsed_before + time.time() - t_start) / (60 * cfg.time_limit_min))
+                frac = _from_rank0(elapsed / (60 * cfg.time_limit_min))
                 for grp, lam in zip(optimizer.param_groups, scheduler.lr_lambdas):
                     grp["lr"] = grp["initial_lr"] * lam(min(frac, 1.0))
-            box_only = cfg.box_only or (cfg.ground_first_min > 0 and _agree(
-                elapsed_before + time.time() - t_start < 60 * cfg.ground_first_min))
+            if warming_up:  # all ranks agree, so the all-reduce stops once the warm-up is over
+                warming_up = _agree(elapsed < 60 * cfg.ground_first_min)
+            box_only = cfg.box_only or warming_up
             out = _forward(model, batch, tokenizer, device, box_only=box_only)
             loss = ssp_sam_loss(out.logits, None if box_only else batch["mask"][:, None].to(device),
                                 out.box, batch["box"].to(device), batch["valid"].to(device), box_only=box_only,
