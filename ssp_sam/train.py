@@ -83,6 +83,8 @@ class TrainConfig:
     aug_translate: bool = True               # masking their box loss (ssp_sam/losses.py)
     aug_flip: float = 0.0                    # probability of a left-right mirror with "left"/"right" swapped in the
                                              # sentence (transforms.hflip_sample); 0 = official (no flip)
+    sentences_per_image: int = 1             # K > 1: batches take K sentences of one image at a time (samples grouped
+                                             # by image_key); the image encoders run once per image; 1 = official
     seed: int = 3407
     max_steps: int | None = None             # stop after this many optimiser steps (tests, smoke runs)
     time_limit_min: float | None = None      # stop (then evaluate and save) after this wall time
@@ -204,13 +206,18 @@ class TrainView(torch.utils.data.Dataset):
     random spot of the padded square, drawn from (seed, epoch, index) so runs and resumes are reproducible. With
     ``flip`` > 0 a sample is mirrored (sentence's left/right swapped) with that probability, drawn the same way; the
     mirrored views are cached under key ``-1 - index`` (and ``embeddings`` must hold them under that key too).
+
+    ``groups`` (one image id per sample, :func:`~ssp_sam.data.datasets.image_groups`): the samples of one image get
+    the same placement and mirror decision, one cached SAM view, and an ``"image"`` id that :func:`collate` uses to
+    batch each image once (several sentences per image, ``TrainConfig.sentences_per_image``).
     """
 
     def __init__(self, samples: Sequence[Sample], spec, augment: bool, seed: int = 0,
                  embeddings: dict[int, torch.Tensor] | None = None, cache: bool = True,
-                 clip_grid: bool = False, flip: float = 0.0) -> None:
+                 clip_grid: bool = False, flip: float = 0.0, groups: Sequence[int] | None = None) -> None:
         self.samples, self.spec, self.augment, self.seed = samples, spec, augment, seed
         self.flip = flip
+        self.groups = groups
         self.clip_grid = clip_grid                # also yield the mask's CLIP-patch coverage (auxiliary losses)
         self.embeddings = embeddings
         self.cache = cache
@@ -238,11 +245,13 @@ class TrainView(torch.utils.data.Dataset):
         return m
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        s, key = self.samples[i], i
-        if self.flip > 0 and random.Random(hash((self.seed, self.epoch, i, 1))).random() < self.flip:
-            s, key = hflip_sample(s), -1 - i
+        s, key = self.samples[i], i                                   # key: per-sample caches (mask, embedding)
+        gid = self.groups[i] if self.groups is not None else i
+        image = gid                                                   # image: the SAM view's cache, batching
+        if self.flip > 0 and random.Random(hash((self.seed, self.epoch, gid, 1))).random() < self.flip:
+            s, key, image = hflip_sample(s), -1 - i, -1 - gid
         if self.augment:
-            rng = random.Random(hash((self.seed, self.epoch, i)))
+            rng = random.Random(hash((self.seed, self.epoch, gid)))
             clip, meta = clip_input(s.image, self.spec.clip_image_size, "random", rng)
         else:
             clip, meta = clip_input(s.image, self.spec.clip_image_size, "center")
@@ -255,8 +264,56 @@ class TrainView(torch.utils.data.Dataset):
         if self.embeddings is not None and key in self.embeddings:
             item["emb"] = self.embeddings[key].float()
         else:
-            item["sam"] = self.sam_view(key, s)
+            item["sam"] = self.sam_view(image, s)
+        if self.groups is not None:
+            item["image"] = image
         return item
+
+
+class ImageGroupBatchSampler:
+    """Batches of up to ``batch_size`` sentences made of runs of up to ``per_image`` sentences of one image.
+
+    Each epoch (``set_epoch``) shuffles every image's sentences, cuts them into runs of ``per_image``, shuffles the
+    runs and packs them, whole, into batches; a batch that is not full when the next run does not fit is closed
+    (smaller). Every rank computes the same list and takes every ``world``-th batch, cut to the same count on all
+    ranks (DistributedDataParallel needs equal step counts). A function of (seed, epoch): resumable.
+    """
+
+    def __init__(self, groups: Sequence[int], batch_size: int, per_image: int, rank: int = 0, world: int = 1,
+                 seed: int = 0) -> None:
+        if per_image < 1 or batch_size < 1:
+            raise ValueError("batch_size and per_image must be >= 1")
+        self.by_image: dict[int, list[int]] = {}
+        for i, g in enumerate(groups):
+            self.by_image.setdefault(int(g), []).append(i)
+        self.batch_size, self.per_image = batch_size, min(per_image, batch_size)
+        self.rank, self.world, self.seed = rank, world, seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        rng = random.Random(self.seed * 1000 + epoch)
+        runs = []
+        for idx in self.by_image.values():
+            idx = list(idx)
+            rng.shuffle(idx)
+            runs += [idx[j:j + self.per_image] for j in range(0, len(idx), self.per_image)]
+        rng.shuffle(runs)
+        batches, cur = [], []
+        for run in runs:
+            if cur and len(cur) + len(run) > self.batch_size:
+                batches.append(cur)
+                cur = []
+            cur = cur + run
+        if len(cur) == self.batch_size:
+            batches.append(cur)
+        n = len(batches) // self.world
+        self._batches = batches[self.rank::self.world][:n]
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self):
+        return iter(self._batches)
 
 
 class _Mirrored:
@@ -273,11 +330,23 @@ class _Mirrored:
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack a list of TrainView items into a batch."""
+    """Stack a list of TrainView items into a batch. Items with an ``"image"`` id (grouped views) give each image's
+    inputs (``clip``, ``sam``, ``emb``) once, plus ``image_index``: the image row of every sentence."""
     out: dict[str, Any] = {"sentence": [it["sentence"] for it in items],
                            "index": torch.tensor([it["index"] for it in items]),
                            "valid": torch.tensor([it["valid"] for it in items])}
-    for k in ("clip", "mask", "box", "sam", "emb", "grid"):
+    images = items
+    if "image" in items[0]:
+        rows: dict[int, int] = {}
+        out["image_index"] = torch.tensor([rows.setdefault(it["image"], len(rows)) for it in items])
+        first = {}
+        for it in items:
+            first.setdefault(it["image"], it)
+        images = list(first.values())
+    for k in ("clip", "sam", "emb"):
+        if k in items[0]:
+            out[k] = torch.stack([it[k] for it in images])
+    for k in ("mask", "box", "grid"):
         if k in items[0]:
             out[k] = torch.stack([it[k] for it in items])
     return out
@@ -286,9 +355,10 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 def _forward(model, batch: dict[str, Any], tokenizer, device: torch.device, box_only: bool = False):
     ids = tokenizer(batch["sentence"]).to(device)
     clip = batch["clip"].to(device)
+    index = batch["image_index"].to(device) if "image_index" in batch else None
     if "emb" in batch:
-        return model(batch["emb"].to(device), clip, ids, box_only=box_only)
-    return model(None, clip, ids, sam_images=batch["sam"].to(device), box_only=box_only)
+        return model(batch["emb"].to(device), clip, ids, box_only=box_only, image_index=index)
+    return model(None, clip, ids, sam_images=batch["sam"].to(device), box_only=box_only, image_index=index)
 
 
 @torch.no_grad()
@@ -490,14 +560,25 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_set: Sequence[Samp
             train_emb.update({-1 - i: e for i, e in flipped.items()})
         val_emb = precompute_embeddings(model, val_set, spec, device=device) if val_set is not None else None
     clip_grid = cfg.patch_loss_weight > 0 or (cfg.grounding_loss_weight > 0 and not cfg.box_only)
+    groups = None
+    if cfg.sentences_per_image > 1:  # several sentences of one image per batch: its encoders run once
+        from ssp_sam.data.datasets import image_groups
+        groups = image_groups(train_set)
     view = TrainView(train_set, spec, augment=cfg.aug_translate, seed=cfg.seed, embeddings=train_emb,
-                     flip=cfg.aug_flip, clip_grid=clip_grid)
-    sampler = DistributedSampler(view, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True) \
-        if world > 1 else None
+                     flip=cfg.aug_flip, clip_grid=clip_grid, groups=groups)
     g = torch.Generator().manual_seed(cfg.seed)
     batch_size = min(cfg.batch_size, max(1, len(view) // world))
-    loader = DataLoader(view, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
-                        collate_fn=collate, num_workers=cfg.num_workers, generator=g)
+    sampler = batch_sampler = None
+    if groups is not None:
+        batch_sampler = ImageGroupBatchSampler(groups, batch_size, cfg.sentences_per_image, rank, world, cfg.seed)
+        if len(batch_sampler) == 0:
+            raise ValueError(f"too few samples for one batch of {batch_size} per process")
+        loader = DataLoader(view, batch_sampler=batch_sampler, collate_fn=collate, num_workers=cfg.num_workers)
+    else:
+        sampler = DistributedSampler(view, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+                                     drop_last=True) if world > 1 else None
+        loader = DataLoader(view, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
+                            collate_fn=collate, num_workers=cfg.num_workers, generator=g)
     steps_per_epoch = len(loader)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
@@ -566,8 +647,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_set: Sequence[Samp
         trainable = [p for grp in groups for p in grp["params"] if p.requires_grad]
         view.epoch = epoch
         g.manual_seed(cfg.seed * 1000 + epoch)  # the shuffle of each epoch is a function of (seed, epoch): resumable
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        for smp in (sampler, batch_sampler):
+            if smp is not None:
+                smp.set_epoch(epoch)
         model.train()
         sums: dict[str, float] = {}
         n_batches = 0

@@ -67,6 +67,15 @@ def image_key(sample: Sample) -> str:
     return h.hexdigest()[:20]
 
 
+def image_groups(dataset: Sequence[Sample]) -> list[int]:
+    """Group id (0, 1, ...) of every sample's image: samples with one :func:`image_key` share an id. Uses the
+    dataset's own ``image_keys()`` when it has one (no image is read), else reads every sample."""
+    keys = dataset.image_keys() if hasattr(dataset, "image_keys") else [image_key(dataset[i])
+                                                                      for i in range(len(dataset))]
+    ids: dict[str, int] = {}
+    return [ids.setdefault(k, len(ids)) for k in keys]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Official layout
 
@@ -101,6 +110,11 @@ class OfficialRefDataset:
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def image_keys(self) -> list[str]:
+        """:func:`image_key` of every item, without reading images."""
+        return [f"{self.name}/{self.image_path(rec['iid']).stem}".replace("/", "__").replace("\\", "__")
+                for rec, _ in self.items]
 
     def image_path(self, iid: int | str) -> Path:
         if self.name in REFERIT_DATASETS:
@@ -233,6 +247,14 @@ class JsonlDataset:
     def __len__(self) -> int:
         return len(self.records)
 
+    def image_keys(self) -> list[str]:
+        """:func:`image_key` of every record, without reading images."""
+        keys = []
+        for rec in self.records:
+            key = (rec.get("meta") or {}).get("image_key") or str(Path(rec["image"]).with_suffix(""))
+            keys.append(str(key).replace("/", "__").replace("\\", "__"))
+        return keys
+
     def __getitem__(self, i: int) -> Sample:
         if self._cache is not None and i in self._cache:
             return self._cache[i]
@@ -281,14 +303,14 @@ def _jsonable(x: Any) -> Any:
 
 
 def load_dataset(spec: str, train: bool = False, progress: bool = False):
-    """``synthetic:N[:seed=S][:domain=D][:kinds=K=W,...]`` | ``file.jsonl`` |
+    """``synthetic:N[:seed=S][:domain=D][:kinds=K=W,...][:per_scene=K]`` | ``file.jsonl`` |
     ``official:ROOT:DATASET:SPLIT[:images=DIR]``."""
     if spec.startswith("synthetic:"):
         from ssp_sam.data.synthetic import SyntheticConfig, SyntheticDataset
 
         parts = spec.split(":")[1:]
         n, opts = int(parts[0]), dict(p.split("=", 1) for p in parts[1:])
-        known = ("seed", "domain", "min_size", "max_size", "kinds")
+        known = ("seed", "domain", "min_size", "max_size", "kinds", "per_scene")
         unknown = set(opts) - set(known)
         if unknown:
             raise ValueError(f"{spec}: unknown options {sorted(unknown)} ({', '.join(known)})")
@@ -298,6 +320,8 @@ def load_dataset(spec: str, train: bool = False, progress: bool = False):
                 extra["kind_weights"] = {k: float(v) for k, v in (kv.split("=", 1) for kv in opts["kinds"].split(","))}
             except ValueError:
                 raise ValueError(f"{spec}: kinds must read kinds=KIND=WEIGHT,KIND=WEIGHT,...") from None
+        if "per_scene" in opts:  # per_scene=K: K sentences per scene, one shared image (training data only)
+            extra["sentences_per_scene"] = int(opts["per_scene"])
         cfg = SyntheticConfig(domain=opts.get("domain", "base"), min_size=int(opts.get("min_size", 96)),
                               max_size=int(opts.get("max_size", 160)), **extra)
         return SyntheticDataset(n, seed=int(opts.get("seed", 0)), config=cfg, progress=progress)
@@ -313,4 +337,4 @@ def load_dataset(spec: str, train: bool = False, progress: bool = False):
 
 
 __all__ = ["OfficialRefDataset", "JsonlDataset", "write_jsonl", "load_dataset", "decode_coco_rle",
-           "decode_mask_field", "image_key"]
+           "decode_mask_field", "image_key", "image_groups"]

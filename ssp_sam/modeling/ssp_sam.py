@@ -109,10 +109,17 @@ class SSPSAM(nn.Module):
     def forward(self, image_embeddings: torch.Tensor | None, clip_images: torch.Tensor | None,
                 token_ids: torch.Tensor, sam_images: torch.Tensor | None = None, box_only: bool = False,
                 image_tokens: torch.Tensor | None = None,
-                text_features: tuple[torch.Tensor, torch.Tensor] | None = None) -> SSPSAMOutput:
-        """Full forward. Cached CLIP image tokens / text features may replace ``clip_images`` / the text tower."""
+                text_features: tuple[torch.Tensor, torch.Tensor] | None = None,
+                image_index: torch.Tensor | None = None) -> SSPSAMOutput:
+        """Full forward. Cached CLIP image tokens / text features may replace ``clip_images`` / the text tower.
+
+        ``image_index`` (B,): several sentences per image. The image inputs (``clip_images`` / ``image_tokens``,
+        ``sam_images`` / ``image_embeddings``) then hold each image once and sentence b uses row ``image_index[b]``,
+        so each image encoder runs once per image (the same result as repeating the images)."""
         if image_tokens is None:
             image_tokens = self.encode_clip_image(clip_images)
+        if image_index is not None:
+            image_tokens = image_tokens[image_index]
         words, sentence = text_features if text_features is not None else self.encode_text(token_ids)
         word_mask = token_ids != 0
         words = self.clip_proj(words)
@@ -127,6 +134,8 @@ class SSPSAM(nn.Module):
                 raise ValueError("give image_embeddings or sam_images")
             with torch.set_grad_enabled(self.spec.train_sam_encoder and self.training and torch.is_grad_enabled()):
                 image_embeddings = self.sam.image_encoder(sam_images)
+        if image_index is not None:
+            image_embeddings = image_embeddings[image_index]
         low_res = self.decode_masks(image_embeddings, prompts)
         return SSPSAMOutput(self.postprocess_logits(low_res), low_res, box, prompts, similarity, visual_out)
 

@@ -8,8 +8,9 @@ import torch
 
 from ssp_sam.build import build_model
 from ssp_sam.data.synthetic import SyntheticDataset
-from ssp_sam.train import (PRESETS, TrainConfig, TrainView, collate, config_from_args, config_from_preset,
-                           evaluate_model, lr_factor, param_groups, register_cli, train)
+from ssp_sam.train import (PRESETS, ImageGroupBatchSampler, TrainConfig, TrainView, _forward, collate,
+                           config_from_args, config_from_preset, evaluate_model, lr_factor, param_groups, register_cli,
+                           train)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -187,3 +188,57 @@ def test_grounding_warmup_trains_everything_but_sam(tmp_path):
         assert bool(changed(before, after, "sam.")) == sam_trains
         assert changed(before, after, "prompt_generator.") and changed(before, after, "vad.")
         assert ("train/dice" in res.history[0]) == sam_trains and res.history[0]["train/patch"] > 0
+
+
+def test_image_group_batches():
+    # images with exactly 2 sentences, batches of 4: every batch is 2 images x 2 sentences
+    smp = ImageGroupBatchSampler([i // 2 for i in range(20)], batch_size=4, per_image=2, seed=0)
+    assert len(smp) == 5 and all(sorted(b[k] // 2 for k in range(4)).count(b[0] // 2) == 2 for b in smp)
+    # ragged images (5, 2, 1, 3, 4 sentences) on two ranks
+    groups = [0, 0, 0, 0, 0, 1, 1, 2, 3, 3, 3, 4, 4, 4, 4]
+    seen = []
+    for rank in (0, 1):
+        smp = ImageGroupBatchSampler(groups, batch_size=4, per_image=2, rank=rank, world=2, seed=1)
+        batches = list(smp)
+        assert len(batches) == len(ImageGroupBatchSampler(groups, 4, 2, 1 - rank, 2, seed=1)) > 0
+        assert all(1 <= len(b) <= 4 and len(set(b)) == len(b) for b in batches)
+        seen += [i for b in batches for i in b]
+        smp.set_epoch(1)
+        again = list(smp)
+        smp.set_epoch(0)
+        assert list(smp) == batches and again != batches  # a function of (seed, epoch)
+    assert len(seen) == len(set(seen))  # the ranks share nothing
+
+
+def test_grouped_batch_runs_each_image_once_with_the_same_result(tmp_path, monkeypatch):
+    data = SyntheticDataset(12, seed=4, config=__import__("ssp_sam.data.synthetic", fromlist=["x"]).SyntheticConfig(
+        sentences_per_scene=3))
+    from ssp_sam.data.datasets import image_groups
+
+    groups = image_groups(data)
+    assert groups == sorted(groups) and len(set(groups)) < len(data)
+    model = build_model("tiny", seed=0).eval()
+    from ssp_sam.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model.spec)
+    grouped = TrainView(data, model.spec, augment=True, seed=2, flip=0.5, groups=groups)
+    batch = collate([grouped[i] for i in range(6)])
+    assert batch["sam"].shape[0] == batch["clip"].shape[0] == len(set(groups[:6])) < 6
+    assert batch["mask"].shape[0] == 6 and batch["image_index"].tolist() == [groups[i] - groups[0] for i in range(6)]
+    items = [grouped[i] for i in range(6)]
+    for it in items:
+        del it["image"]
+    repeated = collate(items)  # every sentence with its own copy of the image
+    assert repeated["sam"].shape[0] == 6 and "image_index" not in repeated
+    calls = []
+    enc = model.sam.image_encoder
+    orig = enc.forward
+    monkeypatch.setattr(enc, "forward", lambda x: calls.append(x.shape[0]) or orig(x))
+    with torch.no_grad():
+        a = _forward(model, batch, tok, torch.device("cpu"))
+        b = _forward(model, repeated, tok, torch.device("cpu"))
+    assert calls == [batch["sam"].shape[0], 6]
+    assert torch.allclose(a.logits, b.logits, atol=1e-5) and torch.allclose(a.box, b.box, atol=1e-6)
+    res = train(_cfg(tmp_path, epochs=1, sentences_per_image=3, batch_size=6, save_checkpoints=False),
+                train_set=data, val_set=None)
+    assert res.steps >= 1 and math.isfinite(res.history[0]["train/total"])
