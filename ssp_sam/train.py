@@ -337,11 +337,11 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
                            "valid": torch.tensor([it["valid"] for it in items])}
     images = items
     if "image" in items[0]:
-        rows: dict[int, int] = {}
-        out["image_index"] = torch.tensor([rows.setdefault(it["image"], len(rows)) for it in items])
-        first = {}
+        first: dict[int, dict[str, Any]] = {}  # image id -> its first item (insertion order = row)
         for it in items:
             first.setdefault(it["image"], it)
+        rows = {image: row for row, image in enumerate(first)}
+        out["image_index"] = torch.tensor([rows[it["image"]] for it in items])
         images = list(first.values())
     for k in ("clip", "sam", "emb"):
         if k in items[0]:
@@ -560,17 +560,18 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_set: Sequence[Samp
             train_emb.update({-1 - i: e for i, e in flipped.items()})
         val_emb = precompute_embeddings(model, val_set, spec, device=device) if val_set is not None else None
     clip_grid = cfg.patch_loss_weight > 0 or (cfg.grounding_loss_weight > 0 and not cfg.box_only)
-    groups = None
+    image_ids = None
     if cfg.sentences_per_image > 1:  # several sentences of one image per batch: its encoders run once
         from ssp_sam.data.datasets import image_groups
-        groups = image_groups(train_set)
+        image_ids = image_groups(train_set)
     view = TrainView(train_set, spec, augment=cfg.aug_translate, seed=cfg.seed, embeddings=train_emb,
-                     flip=cfg.aug_flip, clip_grid=clip_grid, groups=groups)
+                     flip=cfg.aug_flip, clip_grid=clip_grid, groups=image_ids)
     g = torch.Generator().manual_seed(cfg.seed)
     batch_size = min(cfg.batch_size, max(1, len(view) // world))
     sampler = batch_sampler = None
-    if groups is not None:
-        batch_sampler = ImageGroupBatchSampler(groups, batch_size, cfg.sentences_per_image, rank, world, cfg.seed)
+    if image_ids is not None:
+        batch_sampler = ImageGroupBatchSampler(image_ids, batch_size, cfg.sentences_per_image, rank, world,
+                                               cfg.seed)
         if len(batch_sampler) == 0:
             raise ValueError(f"too few samples for one batch of {batch_size} per process")
         loader = DataLoader(view, batch_sampler=batch_sampler, collate_fn=collate, num_workers=cfg.num_workers)

@@ -57,11 +57,15 @@ def _read_image(path: Path) -> np.ndarray:
     return load_image(path)
 
 
+def _file_safe(key: Any) -> str:
+    return str(key).replace("/", "__").replace("\\", "__")
+
+
 def image_key(sample: Sample) -> str:
     """A stable file-name-safe key of a sample's image (for embedding caches): ``meta["image_key"]`` or a hash."""
     key = sample.meta.get("image_key")
     if key:
-        return str(key).replace("/", "__").replace("\\", "__")
+        return _file_safe(key)
     h = hashlib.sha1(np.ascontiguousarray(sample.image).tobytes())
     h.update(str(sample.image.shape).encode())
     return h.hexdigest()[:20]
@@ -113,8 +117,10 @@ class OfficialRefDataset:
 
     def image_keys(self) -> list[str]:
         """:func:`image_key` of every item, without reading images."""
-        return [f"{self.name}/{self.image_path(rec['iid']).stem}".replace("/", "__").replace("\\", "__")
-                for rec, _ in self.items]
+        return [_file_safe(self._image_key(rec)) for rec, _ in self.items]
+
+    def _image_key(self, rec: dict[str, Any]) -> str:
+        return f"{self.name}/{self.image_path(rec['iid']).stem}"
 
     def image_path(self, iid: int | str) -> Path:
         if self.name in REFERIT_DATASETS:
@@ -142,7 +148,7 @@ class OfficialRefDataset:
                 box = mask_to_box(mask)
         meta = {"kind": "none" if not mask.any() else "ref", "dataset": self.name, "split": self.split,
                 "iid": rec["iid"], "mask_id": rec["mask_id"], "cat_id": rec.get("cat_id"),
-                "image_key": f"{self.name}/{img_path.stem}"}
+                "image_key": self._image_key(rec)}
         return Sample(image=image, sentence=sentence, mask=mask, box_xyxy=box, meta=meta)
 
 
@@ -249,11 +255,13 @@ class JsonlDataset:
 
     def image_keys(self) -> list[str]:
         """:func:`image_key` of every record, without reading images."""
-        keys = []
-        for rec in self.records:
-            key = (rec.get("meta") or {}).get("image_key") or str(Path(rec["image"]).with_suffix(""))
-            keys.append(str(key).replace("/", "__").replace("\\", "__"))
-        return keys
+        return [_file_safe(self._image_key(rec)) for rec in self.records]
+
+    @staticmethod
+    def _image_key(rec: dict[str, Any]) -> str:
+        """The record's ``meta.image_key``, else its image path without the suffix."""
+        meta = rec.get("meta") or {}
+        return meta["image_key"] if "image_key" in meta else str(Path(rec["image"]).with_suffix(""))
 
     def __getitem__(self, i: int) -> Sample:
         if self._cache is not None and i in self._cache:
@@ -264,7 +272,7 @@ class JsonlDataset:
         mask = decode_mask_field(rec.get("mask"), self.base, image.shape[:2])
         box = rec.get("box_xyxy") if mask.any() else None
         meta = {"kind": "none" if not mask.any() else "ref", **dict(rec.get("meta") or {})}
-        meta.setdefault("image_key", str(Path(rec["image"]).with_suffix("")))
+        meta["image_key"] = self._image_key(rec)
         s = Sample(image=image, sentence=str(rec["sentence"]), mask=mask,
                    box_xyxy=None if box is None else np.asarray(box, np.float32), meta=meta)
         if self._cache is not None:

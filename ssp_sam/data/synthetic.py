@@ -470,6 +470,10 @@ def _more_sentences(objs: list[_Obj], h: int, w: int, dom: dict[str, Any], rng: 
     return out
 
 
+def _scene_key(domain: str, seed: int, index: int) -> str:
+    return f"synthetic/{domain}/{int(seed)}/{int(index)}"
+
+
 def generate_scene(seed: int, index: int, config: SyntheticConfig | None = None) -> list[Sample]:
     """The ``index``-th scene of the benchmark with this ``seed`` (deterministic): ``config.sentences_per_scene``
     samples (fewer if the scene cannot give that many distinct sentences) sharing one image array. With one sentence
@@ -508,7 +512,7 @@ def generate_scene(seed: int, index: int, config: SyntheticConfig | None = None)
                     "background": background, "targets": [int(i) for i in targets], **dict(info),
                     "objects": objects}
             if cfg.sentences_per_scene > 1:
-                meta["image_key"] = f"synthetic/{cfg.domain}/{int(seed)}/{int(index)}"
+                meta["image_key"] = _scene_key(cfg.domain, seed, index)
             out.append(Sample(image=image, sentence=sentence, mask=mask, box_xyxy=mask_to_box(mask), meta=meta))
         return out
     raise RuntimeError(f"could not generate synthetic scene seed={seed} index={index} kind={kind}")
@@ -548,10 +552,9 @@ class SyntheticDataset:
             items: list[Sample] = []
             scene = 0
             while len(items) < self.n:  # scenes in order; one that gives fewer than K sentences is followed by more
-                new = generate_scene(self.seed, scene, self.config) if per_scene > 1 else \
-                    [generate_sample(self.seed, scene, self.config)]
-                items.extend(new[: self.n - len(items)])
-                bar.update(min(len(new), self.n - bar.n))
+                new = generate_scene(self.seed, scene, self.config)[: self.n - len(items)]
+                items.extend(new)
+                bar.update(len(new))
                 scene += 1
             bar.close()
             self._items = items
@@ -562,9 +565,8 @@ class SyntheticDataset:
     def image_keys(self) -> list[str]:
         """The scene of every sample (samples of one scene share one key and one image)."""
         if self._items is not None:
-            return [s.meta.get("image_key") or f"synthetic/{self.config.domain}/{self.seed}/{s.meta['index']}"
-                    for s in self._items]
-        return [f"synthetic/{self.config.domain}/{self.seed}/{i}" for i in range(self.n)]
+            return [_scene_key(self.config.domain, self.seed, s.meta["index"]) for s in self._items]
+        return [_scene_key(self.config.domain, self.seed, i) for i in range(self.n)]
 
     def __getitem__(self, i: int) -> Sample:
         if not -self.n <= i < self.n:
