@@ -192,7 +192,9 @@ def main(argv=None) -> int:
     ap.add_argument("--aug-translate", type=_flag, default=True,
                     help="random CLIP placement (true/false)")
     ap.add_argument("--aug-flip", type=float, default=0.0, help="left-right mirror probability (sentence swapped)")
-    ap.add_argument("--patch-loss-weight", type=float, default=0.0, help="auxiliary referent-patch loss weight")
+    ap.add_argument("--patch-loss-weight", type=float, default=None,
+                    help="auxiliary referent-patch loss weight (default: FinetuneConfig's, the variant's preset)")
+    ap.add_argument("--patch-head-fit-steps", type=int, default=None, help="default: FinetuneConfig's")
     ap.add_argument("--variant", default="demo")
     ap.add_argument("--base-checkpoint", default=None, help="default: the packaged demo model")
     ap.add_argument("--min-heldout", type=int, default=5)
@@ -324,11 +326,13 @@ def main(argv=None) -> int:
 
         # ---- 3. fine-tune and publish ----------------------------------------------------------------------------
         given = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("lr_decoder", args.lr_decoder),
-                                   ("train_sam_encoder", args.train_sam_encoder)) if v is not None}
+                                   ("train_sam_encoder", args.train_sam_encoder),
+                                   ("patch_loss_weight", args.patch_loss_weight),
+                                   ("patch_head_fit_steps", args.patch_head_fit_steps)) if v is not None}
         fcfg = FinetuneConfig(model_dir=str(model_dir), datastore_url=args.datastore_url, variant=args.variant,
                               base_checkpoint=args.base_checkpoint, heldout_fraction=args.heldout,
                               max_steps=args.max_steps, batch_size=args.batch_size,
-                              patch_loss_weight=args.patch_loss_weight, aug_translate=args.aug_translate,
+                              aug_translate=args.aug_translate,
                               aug_flip=args.aug_flip, device="cpu", threads=args.threads,
                               min_heldout=args.min_heldout, **given)
         rep = run_once(fcfg, store=store)

@@ -106,6 +106,8 @@ class TrainConfig:
     grounding_loss_weight: float = 0.0       # auxiliary similarity-map loss (losses.grounding_loss); 0 = official
     patch_loss_weight: float = 0.0           # auxiliary referent-patch loss (losses.referent_patch_loss) through a
                                              # training-only linear head; 0 = official
+    patch_head_fit_steps: int = 0            # > 0: before training, fit that head alone on the start model's
+                                             # outputs (a linear probe; fine-tuning from a bundle, which has no head)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -592,6 +594,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_set: Sequence[Samp
         patch_head = torch.nn.Linear(spec.prompt_dim, 1).to(device)
         _broadcast_parameters(patch_head)
         groups.append({"params": list(patch_head.parameters()), "lr": cfg.lr, "name": "patch_head"})
+        if cfg.patch_head_fit_steps > 0 and not cfg.resume:
+            _fit_patch_head(model, patch_head, loader, tokenizer, device, cfg.patch_head_fit_steps, world)
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     if cfg.schedule not in ("step", "epoch", "time"):
         raise ValueError(f"schedule must be 'step', 'epoch' or 'time', got {cfg.schedule!r}")
@@ -740,6 +744,32 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_set: Sequence[Samp
     model.eval()
     return TrainResult(history=history, best_metrics=best_metrics, best_epoch=best_epoch, best_path=best_path,
                        last_path=last_path, steps=step, wall_time_s=time.time() - t_start, model=model)
+
+
+def _fit_patch_head(model, head: torch.nn.Linear, loader, tokenizer, device: torch.device, steps: int,
+                    world: int) -> None:
+    """Linear probe: fit the referent-patch head on the (frozen) start model's fused-token outputs of one pass over
+    the training data, so the auxiliary loss does not start from a random head (whose large early gradients pull
+    the prompt generator away from what it knew, "nothing here" first)."""
+    feats, targets = [], []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            feats.append(_forward(model, batch, tokenizer, device).visual_out.float())
+            targets.append(batch["grid"].to(device))
+    model.train(was_training)
+    if not feats:
+        return
+    x, y = torch.cat(feats), torch.cat(targets)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        referent_patch_loss(head(x)[..., 0], y).backward()
+        _average_gradients(list(head.parameters()), world)
+        opt.step()
+    log.info("patch head fitted on %d samples (%d steps): loss %.4f", len(x), steps,
+             float(referent_patch_loss(head(x)[..., 0], y).detach()))
 
 
 def _agree(flag: bool) -> bool:

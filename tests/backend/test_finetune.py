@@ -141,9 +141,20 @@ def test_failed_round_releases_the_claim(tmp_path, tiny_base, requests_mock, mon
     with pytest.raises(RuntimeError):
         run_once(_cfg(tmp_path, tiny_base, aug_flip=0.5, aug_translate=False), store=store)
     assert (seen[0].aug_flip, seen[0].aug_translate) == (0.5, False)  # the round's options reach the trainer
+    assert (seen[0].patch_loss_weight, seen[0].patch_head_fit_steps) == (0.0, 200)  # tiny's preset: no patch loss
     assert store.count_new_samples() == 8  # nothing lost
     assert store.list_runs()[-1]["status"] == "failed"
     store.close()
+
+
+def test_patch_loss_weight_follows_the_variants_training_preset():
+    from backend.finetune import FinetuneConfig, resolve_patch_loss_weight
+
+    assert resolve_patch_loss_weight(FinetuneConfig(), "demo") == 20.0  # the demo was trained with it
+    assert resolve_patch_loss_weight(FinetuneConfig(), "ssp-sam-224") == 0.0  # the official recipe has none
+    assert resolve_patch_loss_weight(FinetuneConfig(), "ssp-sam-336-vit-b") == 0.0
+    assert resolve_patch_loss_weight(FinetuneConfig(patch_loss_weight=0), "demo") == 0.0
+    assert resolve_patch_loss_weight(FinetuneConfig(patch_loss_weight=5), "ssp-sam-224") == 5.0
 
 
 def test_cli_and_watch(tmp_path, tiny_base, requests_mock, monkeypatch):
@@ -157,7 +168,9 @@ def test_cli_and_watch(tmp_path, tiny_base, requests_mock, monkeypatch):
                               "--min-train", "2", "--min-heldout", "1", "--device", "cpu", "--tolerance", "1"])
     assert args.heldout_fraction == 0.3 and args.max_steps == 1 and args.tolerance == 1.0
     flags = parser.parse_args(["finetune", "--once", "--aug-flip", "0.5", "--aug-translate", "false"])
-    assert (flags.aug_flip, flags.aug_translate) == (0.5, False)
+    assert (flags.aug_flip, flags.aug_translate, flags.patch_loss_weight) == (0.5, False, None)
+    flags = parser.parse_args(["finetune", "--patch-loss-weight", "0", "--patch-head-fit-steps", "50"])
+    assert (flags.patch_loss_weight, flags.patch_head_fit_steps) == (0.0, 50)
     # no samples: a skipped round is a success (exit 0)
     assert args.func(args) == 0
 

@@ -173,6 +173,34 @@ def test_referent_patch_loss_trains_a_head_that_resumes_and_stays_out_of_the_bun
     assert set(loaded.model.state_dict()) == set(build_model("tiny").state_dict())
 
 
+def test_patch_head_fit_is_a_linear_probe_of_the_start_model(tmp_path):
+    from ssp_sam.losses import referent_patch_loss
+    from ssp_sam.tokenizer import load_tokenizer
+    from ssp_sam.train import _fit_patch_head
+
+    torch.manual_seed(0)
+    model = build_model("tiny", seed=0)
+    tok = load_tokenizer(model.spec)
+    view = TrainView(TRAIN, model.spec, augment=False, clip_grid=True)
+    loader = torch.utils.data.DataLoader(view, batch_size=8, collate_fn=collate)
+    head = torch.nn.Linear(model.spec.prompt_dim, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def probe_loss():
+        with torch.no_grad():
+            return sum(float(referent_patch_loss(head(_forward(model.eval(), b, tok, torch.device("cpu")).visual_out)
+                                                 [..., 0], b["grid"])) for b in loader)
+
+    cold = probe_loss()
+    _fit_patch_head(model.train(), head, loader, tok, torch.device("cpu"), steps=100, world=1)
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # model untouched
+    assert probe_loss() < 0.5 * cold  # the head fits the start model's outputs
+    # through train(): the first step's patch loss starts from the fitted head
+    first = {n: train(_cfg(tmp_path / str(n), epochs=1, max_steps=1, patch_loss_weight=2.0, patch_head_fit_steps=n,
+                           save_checkpoints=False), train_set=TRAIN).history[0]["train/patch"] for n in (0, 100)}
+    assert first[100] < first[0]
+
+
 def test_grounding_warmup_trains_everything_but_sam(tmp_path):
     """While ``ground_first_min`` lasts, steps are box-only: SAM (encoder and decoder) is not run and keeps its
     weights; the SSP encoder, prompt generator and box head learn. With 0 (the default) SAM trains from the start."""

@@ -18,7 +18,8 @@ def _worker(rank: int, world: int, tmp: str, per_image: int) -> None:
 
         model = build_model("tiny", seed=rank)  # different inits on purpose: rank 0's weights are broadcast
         cfg = config_from_preset("tiny", out_dir=f"{tmp}/run", max_steps=3, epochs=1, sentences_per_image=per_image,
-                                 aug_flip=0.5 if per_image > 1 else 0.0)
+                                 aug_flip=0.5 if per_image > 1 else 0.0,  # + the patch loss, its head fitted first
+                                 patch_loss_weight=2.0 if per_image > 1 else 0.0, patch_head_fit_steps=5)
         data = SyntheticDataset(24, seed=0, config=SyntheticConfig(sentences_per_scene=per_image))
         res = train(cfg, model=model, train_set=data, val_set=SyntheticDataset(6, seed=1))
         torch.save({"state": res.model.state_dict(), "steps": res.steps, "val": res.history[-1]["val/mIoU"]},
