@@ -747,10 +747,11 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_set: Sequence[Samp
 
 
 def _fit_patch_head(model, head: torch.nn.Linear, loader, tokenizer, device: torch.device, steps: int,
-                    world: int) -> None:
+                    world: int, max_samples: int = 2048) -> None:
     """Linear probe: fit the referent-patch head on the (frozen) start model's fused-token outputs of one pass over
-    the training data, so the auxiliary loss does not start from a random head (whose large early gradients pull
-    the prompt generator away from what it knew, "nothing here" first)."""
+    the training data (at most ``max_samples`` per process, which bounds memory), so the auxiliary loss does not
+    start from a random head (whose large early gradients pull the prompt generator away from what it knew,
+    "nothing here" first). Every process runs the same ``steps`` gradient all-reduces."""
     feats, targets = [], []
     was_training = model.training
     model.eval()
@@ -758,18 +759,21 @@ def _fit_patch_head(model, head: torch.nn.Linear, loader, tokenizer, device: tor
         for batch in loader:
             feats.append(_forward(model, batch, tokenizer, device).visual_out.float())
             targets.append(batch["grid"].to(device))
+            if sum(len(f) for f in feats) >= max_samples:
+                break
     model.train(was_training)
-    if not feats:
-        return
-    x, y = torch.cat(feats), torch.cat(targets)
+    x = torch.cat(feats) if feats else torch.zeros(0, 1, head.in_features, device=device)
+    y = torch.cat(targets) if targets else torch.zeros(0, 1, device=device)
     opt = torch.optim.Adam(head.parameters(), lr=1e-2)
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        referent_patch_loss(head(x)[..., 0], y).backward()
+        if len(x):  # a process without samples still takes part in the all-reduce (zero gradients)
+            referent_patch_loss(head(x)[..., 0], y).backward()
         _average_gradients(list(head.parameters()), world)
         opt.step()
-    log.info("patch head fitted on %d samples (%d steps): loss %.4f", len(x), steps,
-             float(referent_patch_loss(head(x)[..., 0], y).detach()))
+    if len(x):
+        log.info("patch head fitted on %d samples (%d steps): loss %.4f", len(x), steps,
+                 float(referent_patch_loss(head(x)[..., 0], y).detach()))
 
 
 def _agree(flag: bool) -> bool:

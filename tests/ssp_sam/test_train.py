@@ -195,6 +195,10 @@ def test_patch_head_fit_is_a_linear_probe_of_the_start_model(tmp_path):
     _fit_patch_head(model.train(), head, loader, tok, torch.device("cpu"), steps=100, world=1)
     assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # model untouched
     assert probe_loss() < 0.5 * cold  # the head fits the start model's outputs
+    batches = []
+    counting = type("Counting", (), {"__iter__": lambda self: (batches.append(b) or b for b in loader)})()
+    _fit_patch_head(model, head, counting, tok, torch.device("cpu"), steps=1, world=1, max_samples=8)
+    assert len(batches) == 1  # memory bound: the probe stops reading once it has max_samples outputs
     # through train(): the first step's patch loss starts from the fitted head
     first = {n: train(_cfg(tmp_path / str(n), epochs=1, max_steps=1, patch_loss_weight=2.0, patch_head_fit_steps=n,
                            save_checkpoints=False), train_set=TRAIN).history[0]["train/patch"] for n in (0, 100)}
