@@ -331,8 +331,7 @@ def main(argv=None) -> int:
                                    ("patch_head_fit_steps", args.patch_head_fit_steps)) if v is not None}
         fcfg = FinetuneConfig(model_dir=str(model_dir), datastore_url=args.datastore_url, variant=args.variant,
                               base_checkpoint=args.base_checkpoint, heldout_fraction=args.heldout,
-                              max_steps=args.max_steps, batch_size=args.batch_size,
-                              aug_translate=args.aug_translate,
+                              max_steps=args.max_steps, batch_size=args.batch_size, aug_translate=args.aug_translate,
                               aug_flip=args.aug_flip, device="cpu", threads=args.threads,
                               min_heldout=args.min_heldout, **given)
         rep = run_once(fcfg, store=store)

@@ -752,14 +752,15 @@ def _fit_patch_head(model, head: torch.nn.Linear, loader, tokenizer, device: tor
     the training data (at most ``max_samples`` per process, which bounds memory), so the auxiliary loss does not
     start from a random head (whose large early gradients pull the prompt generator away from what it knew,
     "nothing here" first). Every process runs the same ``steps`` gradient all-reduces."""
-    feats, targets = [], []
+    feats, targets, n = [], [], 0
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for batch in loader:
             feats.append(_forward(model, batch, tokenizer, device).visual_out.float())
             targets.append(batch["grid"].to(device))
-            if sum(len(f) for f in feats) >= max_samples:
+            n += len(feats[-1])
+            if n >= max_samples:
                 break
     model.train(was_training)
     x = torch.cat(feats) if feats else torch.zeros(0, 1, head.in_features, device=device)

@@ -498,7 +498,7 @@ def generate_scene(seed: int, index: int, config: SyntheticConfig | None = None)
         first = _sentence(kind, objs, h, w, dom, rng)
         if first is None:
             continue
-        sentences = [first] if cfg.sentences_per_scene == 1 else _more_sentences(objs, h, w, dom, rng, cfg, first)
+        sentences = _more_sentences(objs, h, w, dom, rng, cfg, first)  # K = 1: just [first], no draw
         background = _pick(rng, list(BACKGROUNDS))
         image = render_scene(h, w, objs, rng, background, cfg.pixel_noise)
         objects = [{"shape": o.shape, "colour": o.colour, "size": o.size, "texture": o.texture,
@@ -620,5 +620,4 @@ def _cli_synth(args: argparse.Namespace) -> int:
 
 
 __all__ = ["SYNTHETIC_VOCABULARY", "SyntheticConfig", "SyntheticDataset", "generate_sample", "generate_scene",
-           "iter_samples",
-           "write_synthetic", "register_cli", "DOMAINS", "KINDS"]
+           "iter_samples", "write_synthetic", "register_cli", "DOMAINS", "KINDS"]
