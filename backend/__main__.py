@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         print(json.dumps(config.redacted(), indent=2))
         return 0
 
-    from backend.app import create_app
+    from backend.serving.app import create_app
     app = create_app(config)
     if args.preload or config.preload_model:
         app.extensions["ssp_sam"].manager.warm_up(background=True)

@@ -3,7 +3,7 @@
 Names follow label-studio-ml 2.x where it has one (``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``, ``BASIC_AUTH_*``,
 ``MODEL_DIR``, ``LOG_LEVEL``, ``PORT``, ``WORKERS``, ``THREADS``); the model's own settings are ``SSP_SAM_*`` and a
 few plain names. ``docs/backend.md`` has the table of every variable with its default; keep both in sync
-(``tests/backend/test_config.py`` checks that every field is documented).
+(``tests/test_config.py`` checks that every field is documented).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class BackendConfig:
     media_cache_dir: Optional[str] = None         # MEDIA_CACHE_DIR (default MODEL_DIR/media-cache)
     media_cache_mb: int = 1024                    # MEDIA_CACHE_MB
     media_timeout_s: float = 30.0                 # MEDIA_TIMEOUT_S
-    # --- corrections datastore (backend/datastore.py) ---
+    # --- corrections datastore (backend/learning/datastore.py) ---
     datastore_url: Optional[str] = None           # DATASTORE_URL (default SQLite MODEL_DIR/corrections.db)
     empty_annotation_is_no_target: bool = True    # EMPTY_ANNOTATION_IS_NO_TARGET (a submitted annotation with a
                                                   # sentence and no brush region = "nothing matches" sample)

@@ -4,12 +4,12 @@ Starts from the demo model, takes synthetic ``domain="novel"`` scenes it never s
 plays a Label Studio project through the real backend:
 
 1. a tiny local HTTP server plays Label Studio's media endpoints (``/data/upload/1/<file>`` and
-   ``/storage-data/uploaded/?filepath=...``, token required), so images go through ``backend.media`` and the SDK;
+   ``/storage-data/uploaded/?filepath=...``, token required), so images go through ``backend.labelstudio.media`` and the SDK;
 2. ``POST /predict`` for every task (the Flask app's test client; each prediction is recorded in the datastore);
 3. a simulated annotator accepts a prediction unchanged when its IoU with the truth is >= ``--accept-iou``
    (region ``origin: prediction``), otherwise fixes it (``prediction-changed``) or draws it (``manual``), and
    ``POST /webhook`` sends ``ANNOTATION_CREATED`` shaped exactly as Label Studio sends it (webhook latency measured);
-4. the backend's background worker turns the events into samples; ``backend.finetune.run_once`` fine-tunes, compares
+4. the backend's background worker turns the events into samples; ``backend.learning.finetune.run_once`` fine-tunes, compares
    held-out mIoU before/after and publishes;
 5. the backend hot-reloads the published version and ``/predict`` is scored again on the held-out tasks;
 6. the base and the published model are scored on ``--fresh-eval`` fresh novel scenes (same sentence mix, another
@@ -42,10 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from backend.corrections import (TEST_LABEL_CONFIG, annotation_event, decode_region_mask,  # noqa: E402
-                                 wait_until_idle)
-from backend.datastore import mask_iou  # noqa: E402
-from backend.finetune import FinetuneConfig, is_heldout, run_once  # noqa: E402
+from backend.learning.corrections import decode_region_mask, wait_until_idle  # noqa: E402
+from backend.learning.datastore import mask_iou  # noqa: E402
+from backend.learning.finetune import FinetuneConfig, is_heldout, run_once  # noqa: E402
+from tests.payloads import TEST_LABEL_CONFIG, annotation_event  # noqa: E402
 
 log = logging.getLogger("bench.learn_from_corrections")
 TOKEN = "bench-legacy-token-0123456789"
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "learn_from_corrections.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("backend.app", "backend.model", "werkzeug", "urllib3", "label_studio_sdk"):
+    for noisy in ("backend.serving.app", "backend.serving.model", "werkzeug", "urllib3", "label_studio_sdk"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.threads:
         import torch
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
 
     with MediaServer(files) as media:
         env["LABEL_STUDIO_URL"] = media.url
-        from backend.app import create_app
+        from backend.serving.app import create_app
         from backend.config import BackendConfig
 
         config = BackendConfig.from_env({k: v for k, v in env.items() if v is not None})

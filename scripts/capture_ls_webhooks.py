@@ -3,7 +3,7 @@
 
 Starts LS headless (tests/e2e/ls_harness.py), a tiny recording ML backend, then creates, updates, bulk-imports and
 deletes annotations and presses "Start Training". Each distinct action's first payload is written to
-``tests/backend/fixtures/webhooks/<ACTION>.json`` (the unit tests replay them against /webhook).
+``tests/fixtures/webhooks/<ACTION>.json`` (the unit tests replay them against /webhook).
 
     .venv/bin/python scripts/capture_ls_webhooks.py [--out DIR]
 """
@@ -26,7 +26,7 @@ import requests  # noqa: E402
 from flask import Flask, jsonify, request  # noqa: E402
 from werkzeug.serving import make_server  # noqa: E402
 
-from backend.brush import mask_to_rle  # noqa: E402
+from backend.labelstudio.brush import mask_to_rle  # noqa: E402
 from tests.e2e.ls_harness import (LABEL_CONFIG, TOKEN, ensure_ls_venv, free_port, start_label_studio,  # noqa: E402
                                   stop, wait_http)
 
@@ -60,7 +60,7 @@ def main() -> int:
     import logging
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(ROOT / "tests" / "backend" / "fixtures" / "webhooks"))
+    ap.add_argument("--out", default=str(ROOT / "tests" / "fixtures" / "webhooks"))
     args = ap.parse_args()
     ok, msg = ensure_ls_venv()
     if not ok:

@@ -18,4 +18,4 @@ export LOG_LEVEL="${LOG_LEVEL:-INFO}"
 mkdir -p "$MODEL_DIR"
 
 .venv/bin/python -m backend --check >/dev/null   # fail fast on a bad configuration
-exec .venv/bin/gunicorn -c python:backend.gunicorn_conf backend.wsgi:app
+exec .venv/bin/gunicorn -c python:backend.serving.gunicorn_conf backend.serving.wsgi:app

@@ -9,7 +9,7 @@ official timm scheduler); gradient clipping at global norm 0.1; mask decoder fro
 demo) or ``train_clip`` / ``train_sam_encoder`` says otherwise; random placement of the image in the padded CLIP
 square (box target shifted; the SAM view and GT mask stay fixed, as official).
 
-Data parallel: ``torchrun --nproc_per_node=N -m ssp_sam.cli train ...`` (gloo on CPU, NCCL on GPU). Each rank reads
+Data parallel: ``torchrun --nproc_per_node=N -m backend.cli train ...`` (gloo on CPU, NCCL on GPU). Each rank reads
 its shard (``DistributedSampler``); gradients are averaged with one ``all_reduce`` per step over a flat buffer (the
 same arithmetic as ``DistributedDataParallel`` without its hooks, so freezing and unfreezing modules mid-run needs no
 re-wrapping); rank 0 logs and writes files.

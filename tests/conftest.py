@@ -3,6 +3,9 @@ import os
 import pytest
 import torch
 
+from backend.serving.app import create_app
+from tests.fakes import LS_URL, FakePredictor, FakeStore, make_config
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden")
@@ -14,3 +17,50 @@ def golden_dir():
     if not os.path.exists(os.path.join(path, "manifest.json")):
         pytest.skip(f"no golden folder at {path} (shared/ is present only in development and CI)")
     return path
+
+
+# ---------------------------------------------------------------------- backend fixtures
+@pytest.fixture
+def store():
+    return FakeStore()
+
+
+@pytest.fixture
+def predictor():
+    return FakePredictor()
+
+
+@pytest.fixture
+def make_app(tmp_path, store, predictor):
+    def _make(predictor_factory=None, store_factory=None, **env):
+        cfg = make_config(tmp_path, **env)
+        factory = predictor_factory or (lambda config, ckpt: predictor)
+        app = create_app(cfg, predictor_factory=factory, store_factory=store_factory or (lambda c: store),
+                         start_worker=False)
+        app.testing = True
+        return app
+    return _make
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def ls_media(requests_mock):
+    """Serve /data/upload/1/<name> through LS's /storage-data proxy (token required)."""
+    files = {}
+
+    def add(name, content, project=1):
+        url = f"{LS_URL}/storage-data/uploaded/?filepath=upload/{project}/{name}"
+        requests_mock.get(url, content=content)
+        files[name] = url
+        return f"/data/upload/{project}/{name}"
+
+    return add

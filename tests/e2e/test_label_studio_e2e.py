@@ -96,12 +96,12 @@ def _run_trainer(model_dir: Path) -> dict:
     """``ssp-sam finetune --once`` in its own process, on the corrections the backend queued; returns its report.
 
     A smoke-sized round (2 epochs) with ``--tolerance 1``: here the point is the wiring (queue -> trainer -> published
-    version -> hot reload -> Label Studio); the publish-only-if-better rule is covered by tests/backend/test_finetune.
+    version -> hot reload -> Label Studio); the publish-only-if-better rule is covered by tests/test_finetune.
     """
     env = dict(os.environ, MODEL_DIR=str(model_dir), PYTHONUNBUFFERED="1")
     if not TRAINED:
         env["SSP_SAM_VARIANT"] = "tiny"
-    cmd = [sys.executable, "-m", "ssp_sam.cli", "finetune", "--once", "--model-dir", str(model_dir),
+    cmd = [sys.executable, "-m", "backend.cli", "finetune", "--once", "--model-dir", str(model_dir),
            "--epochs", "2", "--heldout", "0.34", "--min-train", "2", "--min-heldout", "1",
            "--tolerance", "1.0", "--device", "cpu"]
     if CHECKPOINT:
@@ -170,8 +170,8 @@ def servers(ls_venv, tmp_path_factory):
         if SERVER == "gunicorn":
             # production path, two workers: /setup reaches one of them, interactive calls (no /setup) any of them
             be_env.update({"HOST": "127.0.0.1", "PORT": str(be_port), "WORKERS": "2", "THREADS": "4"})
-            cmd = [str(Path(sys.executable).with_name("gunicorn")), "-c", "python:backend.gunicorn_conf",
-                   "backend.wsgi:app"]
+            cmd = [str(Path(sys.executable).with_name("gunicorn")), "-c", "python:backend.serving.gunicorn_conf",
+                   "backend.serving.wsgi:app"]
         else:
             cmd = [sys.executable, "-m", "backend", "--host", "127.0.0.1", "--port", str(be_port)]
         procs.append(subprocess.Popen(cmd, env=be_env, cwd=str(ROOT), stdout=open(be_log, "wb"),
@@ -250,7 +250,7 @@ def test_label_studio_end_to_end(servers):
             assert (b["original_width"], b["original_height"]) == (w, h)
             assert b["value"]["brushlabels"] == ["object"]
             assert text and text[0]["value"]["text"] == [sentence]
-            from backend.brush import rle_to_mask
+            from backend.labelstudio.brush import rle_to_mask
             mask = np.zeros((h, w), bool)
             for x in brush:
                 mask |= rle_to_mask(x["value"]["rle"], h, w)     # raises if not at the natural size
@@ -296,7 +296,7 @@ def test_label_studio_end_to_end(servers):
                      "parent_prediction": pred0["id"]})
     assert ann["id"]
     # the event is durably in the backend's datastore (shared by all worker processes)
-    from backend.datastore import open_datastore
+    from backend.learning.datastore import open_datastore
     store = open_datastore(None, model_dir=servers["model_dir"])
     try:
         events = [store.get_event(i) for i in range(1, 6)]
@@ -341,7 +341,7 @@ def test_label_studio_end_to_end(servers):
     # annotators correct the other tasks (ground-truth masks drawn over the predictions): every submission lands in
     # the queue, then the trainer consumes it and publishes a new version; the backend hot-reloads it, LS sees the
     # new model_version, and "Retrieve predictions" adds one prediction per task under it
-    from backend.brush import mask_to_rle
+    from backend.labelstudio.brush import mask_to_rle
     for i, (image, sentence, gt) in enumerate(scenes):
         if i == 0:
             continue
@@ -416,7 +416,7 @@ def test_media_with_personal_access_token(servers, tmp_path):
     """The backend's media adapter exchanges a PAT for an access token (real SDK token client) and downloads an
     uploaded image with Bearer auth from the real Label Studio."""
     from backend.config import BackendConfig
-    from backend.media import MediaFetcher, jwt_token_type
+    from backend.labelstudio.media import MediaFetcher, jwt_token_type
 
     ls = servers["ls"]
     legacy = {"Authorization": f"Token {TOKEN}"}

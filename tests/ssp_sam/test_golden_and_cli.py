@@ -7,7 +7,7 @@ from PIL import Image
 
 from ssp_sam import checkpoints
 from ssp_sam.build import build_model
-from ssp_sam.cli import main
+from backend.cli import main
 from ssp_sam.golden import rule_tensor, run_check
 from ssp_sam.tokenizer import load_tokenizer
 from ssp_sam.versioning import weights_version

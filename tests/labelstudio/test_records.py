@@ -1,10 +1,10 @@
-"""Reading annotations and tasks back from Label Studio for id-only webhook events (backend.ls_records)."""
+"""Reading annotations and tasks back from Label Studio for id-only webhook events (backend.labelstudio.records)."""
 
 import pytest
 from label_studio_sdk.core.api_error import ApiError
 
-from backend.corrections import PermanentError
-from backend.ls_records import LabelStudioRecords
+from backend.learning.corrections import PermanentError
+from backend.labelstudio.records import LabelStudioRecords
 
 
 class _Media:
@@ -69,9 +69,9 @@ def test_client_errors_are_permanent_and_server_errors_are_retried():
 
 
 def test_the_backend_worker_reads_id_only_events_back_from_label_studio(tmp_path):
-    from backend.app import _default_worker_factory
-    from backend.datastore import open_datastore
-    from backend.media import MediaFetcher
+    from backend.serving.app import _default_worker_factory
+    from backend.learning.datastore import open_datastore
+    from backend.labelstudio.media import MediaFetcher
 
     from backend.config import BackendConfig
     cfg = BackendConfig.from_env({"MODEL_DIR": str(tmp_path)})

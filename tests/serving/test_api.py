@@ -8,8 +8,8 @@ import logging
 import numpy as np
 import pytest
 
-from backend.brush import rle_to_mask
-from tests.backend.conftest import LABEL_CONFIG, LS_URL, FakePredictor, png_bytes, task
+from backend.labelstudio.brush import rle_to_mask
+from tests.fakes import LABEL_CONFIG, LS_URL, FakePredictor, png_bytes, task
 
 WEBHOOK_ACTIONS = ["ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
                    "ANNOTATION_DELETED", "START_TRAINING"]
@@ -230,7 +230,7 @@ def test_model_load_failure_is_503_without_traceback(make_app, ls_media):
 
 
 def test_unhandled_error_is_json_500_without_traceback(client, monkeypatch, ls_media):
-    from backend import model as model_mod
+    from backend.serving import model as model_mod
 
     def explode(self, tasks, context=None, **kw):
         raise KeyError("internal detail")
@@ -383,7 +383,7 @@ def test_versions_lists_published(client, app):
 
 
 def test_embedding_cache_hit_rate_is_derived(make_app):
-    from backend.model_manager import _with_hit_rates
+    from backend.serving.model_manager import _with_hit_rates
     assert _with_hit_rates({"image_cache": {"hits": 3, "misses": 1}, "n": 2}) == {
         "image_cache": {"hits": 3, "misses": 1, "hit_rate": 0.75}, "n": 2}
 
@@ -404,7 +404,7 @@ def test_missing_checkpoint_gives_clear_503(make_app, tmp_path):
     assert r.status_code == 503 and "nope.pt" in r.get_json()["error"]
 
 
-FIXTURES = sorted((__import__("pathlib").Path(__file__).parent / "fixtures" / "webhooks").glob("*.json"))
+FIXTURES = sorted((__import__("pathlib").Path(__file__).parents[1] / "fixtures" / "webhooks").glob("*.json"))
 
 
 @pytest.mark.parametrize("path", FIXTURES, ids=[p.stem for p in FIXTURES])
@@ -426,14 +426,14 @@ def test_recorded_fixtures_exist():
 
 
 def test_datastore_open_failure_is_retried_with_backoff(make_app, monkeypatch):
-    import backend.app as app_mod
+    import backend.serving.app as app_mod
     calls = []
 
     def flaky(config):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("connection refused")
-        return __import__("tests.backend.conftest", fromlist=["FakeStore"]).FakeStore()
+        return __import__("tests.fakes", fromlist=["FakeStore"]).FakeStore()
     app = make_app(store_factory=flaky)
     c = app.test_client()
     assert c.post("/webhook", json=webhook_payload("START_TRAINING")).status_code == 503

@@ -6,8 +6,8 @@ import json
 import subprocess
 import sys
 
-from backend.app import create_app
-from tests.backend.conftest import FakePredictor, FakeStore, make_config
+from backend.serving.app import create_app
+from tests.fakes import FakePredictor, FakeStore, make_config
 
 
 class FakeWorker:

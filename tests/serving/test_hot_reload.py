@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from backend.model_manager import ModelManager
+from backend.serving.model_manager import ModelManager
 from ssp_sam.versioning import file_digest
-from tests.backend.conftest import LABEL_CONFIG, FakePredictor, make_config, png_bytes, task
+from tests.fakes import LABEL_CONFIG, FakePredictor, make_config, png_bytes, task
 
 
 def publish(cfg, version, content=b"weights", tmpname=None):

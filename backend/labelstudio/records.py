@@ -11,7 +11,7 @@ import logging
 import threading
 from typing import Any, Callable, Mapping
 
-from backend.corrections import PermanentError
+from backend.learning.corrections import PermanentError
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +25,14 @@ def _sdk_client(hostname: str, token: str) -> Any:
 
 
 class LabelStudioRecords:
-    """``fetch_annotation(id)`` / ``fetch_task(id)`` for :class:`backend.corrections.WorkerConfig`.
+    """``fetch_annotation(id)`` / ``fetch_task(id)`` for :class:`backend.learning.corrections.WorkerConfig`.
 
     A missing connection or a record Label Studio does not have (HTTP 4xx) is a :class:`PermanentError` (the event
     fails with that message); network errors and 5xx propagate, so the worker retries the event with backoff.
     """
 
     def __init__(self, media: Any, client_factory: ClientFactory | None = None) -> None:
-        self.media = media                      # backend.media.MediaFetcher (for .connection())
+        self.media = media                      # backend.labelstudio.media.MediaFetcher (for .connection())
         self._factory = client_factory or _sdk_client
         self._clients: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()

@@ -10,8 +10,8 @@ import jwt
 import numpy as np
 import pytest
 
-from backend.media import MediaError, MediaFetcher, jwt_token_type
-from tests.backend.conftest import LEGACY_TOKEN, LS_URL, make_config, png_bytes
+from backend.labelstudio.media import MediaError, MediaFetcher, jwt_token_type
+from tests.fakes import LEGACY_TOKEN, LS_URL, make_config, png_bytes
 
 
 def fetcher(tmp_path, token_client_factory=None, **env):

@@ -1,4 +1,4 @@
-"""Fixtures for the backend tests: a fake predictor (no torch), a fake datastore, mocked Label Studio media."""
+"""Test doubles shared by the backend tests: a fake predictor (no torch), a fake datastore, PNG bytes, configs."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
-import pytest
 from PIL import Image
 
-from backend.app import create_app
 from backend.config import BackendConfig
 
 LS_URL = "http://ls.test:8080"
@@ -124,52 +122,6 @@ def make_config(tmp_path, **env) -> BackendConfig:
     for k in [k for k, v in env.items() if v is None]:
         base.pop(k, None)
     return BackendConfig.from_env(base)
-
-
-@pytest.fixture
-def store():
-    return FakeStore()
-
-
-@pytest.fixture
-def predictor():
-    return FakePredictor()
-
-
-@pytest.fixture
-def make_app(tmp_path, store, predictor):
-    def _make(predictor_factory=None, store_factory=None, **env):
-        cfg = make_config(tmp_path, **env)
-        factory = predictor_factory or (lambda config, ckpt: predictor)
-        app = create_app(cfg, predictor_factory=factory, store_factory=store_factory or (lambda c: store),
-                         start_worker=False)
-        app.testing = True
-        return app
-    return _make
-
-
-@pytest.fixture
-def app(make_app):
-    return make_app()
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
-
-
-@pytest.fixture
-def ls_media(requests_mock):
-    """Serve /data/upload/1/<name> through LS's /storage-data proxy (token required)."""
-    files = {}
-
-    def add(name, content, project=1):
-        url = f"{LS_URL}/storage-data/uploaded/?filepath=upload/{project}/{name}"
-        requests_mock.get(url, content=content)
-        files[name] = url
-        return f"/data/upload/{project}/{name}"
-
-    return add
 
 
 def task(tid, image, text=None, **data):

@@ -1,4 +1,4 @@
-"""gunicorn settings read from the environment (``gunicorn -c python:backend.gunicorn_conf backend.wsgi:app``).
+"""gunicorn settings read from the environment (``gunicorn -c python:backend.serving.gunicorn_conf backend.serving.wsgi:app``).
 
 ``PORT`` (9090), ``HOST`` (127.0.0.1; use 0.0.0.0 in a container), ``WORKERS`` (1: each worker holds its own copy of
 the model), ``THREADS`` (4: concurrent requests per worker; inference is thread-safe), ``GUNICORN_TIMEOUT`` (300 s,
@@ -29,13 +29,13 @@ control_socket_disable = True   # gunicorn 27 control socket: unused, and it wou
 
 def post_worker_init(worker):  # runs in each worker after the app is loaded
     if _cfg.preload_model:
-        from backend.wsgi import app
+        from backend.serving.wsgi import app
         app.extensions["ssp_sam"].manager.warm_up(background=True)
 
 
 def worker_exit(server, worker):
     try:
-        from backend.wsgi import app
+        from backend.serving.wsgi import app
         app.extensions["ssp_sam"].stop()
     except Exception:
         pass

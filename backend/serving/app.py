@@ -20,15 +20,15 @@ from typing import Any, Callable, Optional
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from backend.brush import redact_rle
+from backend.labelstudio.brush import redact_rle
 from backend.config import BackendConfig
-from backend.media import MediaFetcher
-from backend.metrics import ServingMetrics
-from backend.model import TRAIN_EVENTS, ModelUnavailable, SSPSAMBackend
-from backend.model_manager import ModelManager
-from backend.prompts import LabelConfigError, parse_label_config
+from backend.labelstudio.media import MediaFetcher
+from backend.serving.metrics import ServingMetrics
+from backend.serving.model import TRAIN_EVENTS, ModelUnavailable, SSPSAMBackend
+from backend.serving.model_manager import ModelManager
+from backend.labelstudio.prompts import LabelConfigError, parse_label_config
 
-logger = logging.getLogger("backend.app")
+logger = logging.getLogger("backend.serving.app")
 
 MODEL_CLASS = SSPSAMBackend
 WEBHOOK_SECRET_HEADER = "X-Webhook-Secret"
@@ -143,16 +143,16 @@ class Runtime:
 
 
 def _default_store_factory(config):
-    from backend.datastore import open_datastore
+    from backend.learning.datastore import open_datastore
     return open_datastore(config)
 
 
 def _default_worker_factory(store, media, config):
     try:
-        from backend.corrections import CorrectionWorker, WorkerConfig
-        from backend.ls_records import LabelStudioRecords
+        from backend.learning.corrections import CorrectionWorker, WorkerConfig
+        from backend.labelstudio.records import LabelStudioRecords
     except ImportError as exc:
-        logger.warning("backend.corrections is not available (%s); webhook events are queued but not processed", exc)
+        logger.warning("backend.learning.corrections is not available (%s); webhook events are queued but not processed", exc)
         return None
 
     worker_config = WorkerConfig.from_any(config)

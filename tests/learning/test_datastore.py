@@ -9,8 +9,8 @@ import uuid
 import numpy as np
 import pytest
 
-from backend.blobs import BlobStore, decode_mask_png, encode_mask_png
-from backend.datastore import ClaimLost, PostgresDatastore, SQLiteDatastore, open_datastore
+from backend.learning.blobs import BlobStore, decode_mask_png, encode_mask_png
+from backend.learning.datastore import ClaimLost, PostgresDatastore, SQLiteDatastore, open_datastore
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -144,7 +144,7 @@ def test_enqueue_is_idempotent_and_fast(store):
 
 
 def test_start_training_is_deduplicated_only_briefly(store, monkeypatch):
-    import backend.datastore as ds
+    import backend.learning.datastore as ds
 
     p = {"action": "START_TRAINING", "project": {"id": 1}}
     t = [1_000_000.0]

@@ -13,9 +13,10 @@ import pytest
 import requests
 from PIL import Image
 
-from backend.corrections import CorrectionWorker, annotation_event
-from backend.datastore import open_datastore
-from backend.finetune import (FinetuneConfig, is_heldout, read_pointer, register_cli, run_once, split_samples,
+from backend.learning.corrections import CorrectionWorker
+from tests.payloads import annotation_event
+from backend.learning.datastore import open_datastore
+from backend.learning.finetune import (FinetuneConfig, is_heldout, read_pointer, register_cli, run_once, split_samples,
                               watch)
 
 LS = "http://ls.test"
@@ -148,7 +149,7 @@ def test_failed_round_releases_the_claim(tmp_path, tiny_base, requests_mock, mon
 
 
 def test_patch_loss_weight_follows_the_variants_training_preset():
-    from backend.finetune import FinetuneConfig, resolve_patch_loss_weight
+    from backend.learning.finetune import FinetuneConfig, resolve_patch_loss_weight
 
     assert resolve_patch_loss_weight(FinetuneConfig(), "demo") == 20.0  # the demo was trained with it
     assert resolve_patch_loss_weight(FinetuneConfig(), "ssp-sam-224") == 0.0  # the official recipe has none
@@ -186,11 +187,11 @@ def test_cli_and_watch(tmp_path, tiny_base, requests_mock, monkeypatch):
     store.close()
 
 
-def test_entry_point_is_registered():
-    from importlib.metadata import entry_points
+def test_ssp_sam_command_has_finetune():
+    from backend.cli import build_parser
 
-    eps = {ep.name: ep for ep in entry_points(group="ssp_sam.commands")}
-    assert eps["finetune"].load() is register_cli
+    args = build_parser().parse_args(["finetune", "--once", "--epochs", "3"])
+    assert args.func.__module__ == register_cli.__module__ and args.epochs == 3
 
 
 @pytest.mark.postgres

@@ -12,10 +12,10 @@ import pytest
 import requests
 from PIL import Image
 
-from backend.corrections import (CorrectionWorker, annotation_event, brush_region, decode_region_mask, image_url,
-                                 parent_model_version, resolve_sentence, textarea_region, wait_until_idle,
-                                 RegionRejected)
-from backend.datastore import open_datastore
+from backend.learning.corrections import (CorrectionWorker, RegionRejected, decode_region_mask, image_url,
+                                         parent_model_version, resolve_sentence, wait_until_idle)
+from backend.learning.datastore import open_datastore
+from tests.payloads import annotation_event, brush_result, textarea_result
 
 LS = "http://ls.test"
 W, H = 40, 30
@@ -83,7 +83,7 @@ def _send(store, worker, payload):
 
 def test_decode_region_mask_checks_dimensions():
     m = _mask()
-    r = brush_region(m, "r1")
+    r = brush_result(m, "r1")
     assert np.array_equal(decode_region_mask(r["value"], W, H), m)
     with pytest.raises(RegionRejected, match="expected"):
         decode_region_mask(r["value"], W + 1, H)
@@ -94,18 +94,18 @@ def test_decode_region_mask_checks_dimensions():
 
 
 def test_sentence_resolution_order():
-    brush = brush_region(_mask(), "r1")
-    other = brush_region(_mask(), "r2")
+    brush = brush_result(_mask(), "r1")
+    other = brush_result(_mask(), "r2")
     task = {"id": 1, "data": {"image": "x", "text": "from task"}}
     # per-region TextArea (same id) wins
-    per_region = textarea_region("per region", "r1")
-    assert resolve_sentence(brush, [brush, per_region, textarea_region("global", "g")], task) == (
+    per_region = textarea_result("per region", "r1")
+    assert resolve_sentence(brush, [brush, per_region, textarea_result("global", "g")], task) == (
         "per region", "region-textarea")
     # parentID link
-    child = textarea_region("child", "c1", parent_id="r1")
+    child = textarea_result("child", "c1", parent_id="r1")
     assert resolve_sentence(brush, [brush, child], task)[0] == "child"
     # task-level TextArea, but not another region's
-    assert resolve_sentence(brush, [brush, other, textarea_region("r2's", "r2"), textarea_region("glob", "g")],
+    assert resolve_sentence(brush, [brush, other, textarea_result("r2's", "r2"), textarea_result("glob", "g")],
                             task) == ("glob", "textarea")
     # task data field
     assert resolve_sentence(brush, [brush], task) == ("from task", "task.data.text")
@@ -232,7 +232,7 @@ def test_defensive_parsing(store, worker):
     assert _send(store, worker, p)["status"] == "done"
     # a region with a wrong size is rejected on its own; the good one is kept
     p = _ev(aid=52, sentence=None, task_text="task sentence",
-            extra_results=[{**brush_region(_mask(w=W + 2), "bad")}])
+            extra_results=[{**brush_result(_mask(w=W + 2), "bad")}])
     ev = _send(store, worker, p)
     assert ev["status"] == "done" and ev["result"]  # result JSON holds the rejection
     s = [s for s in store.list_samples() if s["annotation_id"] == 52]
@@ -427,9 +427,7 @@ def test_replay_payloads_captured_from_label_studio(store, requests_mock):
     import json
     from pathlib import Path
 
-    fx = Path(__file__).parent / "fixtures" / "webhooks"
-    if not (fx / "ANNOTATION_CREATED.json").exists():
-        pytest.skip("no captured webhook fixtures")
+    fx = Path(__file__).parents[1] / "fixtures" / "webhooks"
     load = lambda name: json.loads((fx / f"{name}.json").read_text())  # noqa: E731
     created = load("ANNOTATION_CREATED")
     url = created["task"]["data"]["image"]

@@ -13,9 +13,10 @@ import pytest
 import requests
 from PIL import Image
 
-from backend.corrections import CorrectionWorker, annotation_event
-from backend.datastore import open_datastore
-from backend.finetune import FinetuneConfig, read_pointer, run_once
+from backend.learning.corrections import CorrectionWorker
+from tests.payloads import annotation_event
+from backend.learning.datastore import open_datastore
+from backend.learning.finetune import FinetuneConfig, read_pointer, run_once
 
 LS = "http://ls.test"
 N_CORRECTIONS = int(os.environ.get("FINETUNE_CI_N", "40"))

@@ -7,13 +7,13 @@ One store, two engines with the same schema and behaviour:
 * PostgreSQL when ``DATASTORE_URL=postgresql://...`` (psycopg 3); claims use ``FOR UPDATE SKIP LOCKED``. A
   ``schema=<name>`` query parameter (or ``open_datastore(..., schema=...)``) puts every table in that schema.
 
-Blobs (image snapshots, masks) live in the content-addressed :class:`backend.blobs.BlobStore` under
+Blobs (image snapshots, masks) live in the content-addressed :class:`backend.learning.blobs.BlobStore` under
 ``MODEL_DIR/blobs``; rows only hold their SHA-256.
 
 Tables (see docs/corrections.md for every column):
 
 ``events``            the webhook inbox: raw payloads, de-duplicated by a hash, processed by
-                      :class:`backend.corrections.CorrectionWorker` with leases, retries with backoff, and a
+                      :class:`backend.learning.corrections.CorrectionWorker` with leases, retries with backoff, and a
                       ``failed`` state for poison events.
 ``predictions``       every mask the server predicted (``record_prediction``), for IoU(prediction, submission).
 ``annotations``       one row per Label Studio annotation seen: its ``updated_at`` (stale events are ignored) and
@@ -46,7 +46,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
-from backend.blobs import BlobStore
+from backend.learning.blobs import BlobStore
 
 log = logging.getLogger(__name__)
 

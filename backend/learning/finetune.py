@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-log = logging.getLogger("backend.finetune")
+log = logging.getLogger("backend.learning.finetune")
 
 KEY_METRICS = ("mIoU", "oIoU", "Pr@0.90", "Pr@0.50", "n")
 
@@ -211,7 +211,7 @@ class _Heartbeat:
         self._t = threading.Thread(target=self._run, daemon=True, name="finetune-heartbeat")
 
     def _run(self):
-        from backend.datastore import ClaimLost
+        from backend.learning.datastore import ClaimLost
 
         while not self._stop.wait(max(1.0, self.lease_s / 3)):
             try:
@@ -263,7 +263,7 @@ def _broadcast(obj, dist):
 
 def run_once(cfg: FinetuneConfig, store=None, force: bool = False) -> dict:
     """One fine-tuning round. Returns the report dict (``decision``: published | rejected | skipped | failed)."""
-    from backend.datastore import open_datastore
+    from backend.learning.datastore import open_datastore
 
     dist, rank, world = _dist()
     master = rank == 0
@@ -487,7 +487,7 @@ def _plot(path: Path, report: dict) -> None:
 
 def watch(cfg: FinetuneConfig, store=None, stop: threading.Event | None = None) -> list[dict]:
     """Run rounds when enough new samples arrived, on a timer, or on START_TRAINING requests."""
-    from backend.datastore import open_datastore
+    from backend.learning.datastore import open_datastore
 
     dist, rank, world = _dist()
     own = store is None
@@ -632,7 +632,7 @@ def register_cli(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m backend.finetune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m backend.learning.finetune", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO")
     _add_arguments(parser)
     args = parser.parse_args(argv)

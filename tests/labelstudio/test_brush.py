@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backend.brush import brush_region, mask_to_rle, redact_rle, rle_to_mask, textarea_region
+from backend.labelstudio.brush import brush_region, mask_to_rle, redact_rle, rle_to_mask, textarea_region
 
 
 @pytest.mark.parametrize("h,w", [(1, 1), (48, 64), (97, 131)])

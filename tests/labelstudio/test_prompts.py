@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from backend.prompts import (LabelConfigError, collect_prompts, context_sentences, label_for_sentence,
+from backend.labelstudio.prompts import (LabelConfigError, collect_prompts, context_sentences, label_for_sentence,
                              parse_label_config)
-from tests.backend.conftest import LABEL_CONFIG
+from tests.fakes import LABEL_CONFIG
 
 
 def test_parse_recommended_config():

@@ -84,7 +84,7 @@ TokenClientFactory = Callable[[str, str], object]   # (hostname, pat) -> object 
 class MediaFetcher:
     """Downloads (and caches) task media; loads images as EXIF-transposed RGB arrays.
 
-    Interface used by the app and by ``backend.corrections.CorrectionWorker``:
+    Interface used by the app and by ``backend.learning.corrections.CorrectionWorker``:
       ``fetch(url, task_id=None, project_id=None) -> str``           local path of the file
       ``load_image(url, task_id=None, project_id=None) -> np.ndarray``  (H, W, 3) uint8, EXIF-transposed
       ``set_connection(hostname, access_token, project_id=None)``    host/token from LS's /setup

@@ -1,4 +1,4 @@
-"""Production entry point: gunicorn with backend.gunicorn_conf starts, answers, and loads nothing in the master."""
+"""Production entry point: gunicorn with backend.serving.gunicorn_conf starts, answers, and loads nothing in the master."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_gunicorn_serves_health_and_setup(tmp_path):
                 "MODEL_DIR": str(tmp_path / "md"), "SSP_SAM_VARIANT": "tiny", "LOG_LEVEL": "INFO"})
     gunicorn = Path(sys.executable).with_name("gunicorn")
     log = tmp_path / "gunicorn.log"
-    proc = subprocess.Popen([str(gunicorn), "-c", "python:backend.gunicorn_conf", "backend.wsgi:app"], cwd=str(ROOT),
+    proc = subprocess.Popen([str(gunicorn), "-c", "python:backend.serving.gunicorn_conf", "backend.serving.wsgi:app"], cwd=str(ROOT),
                             env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"

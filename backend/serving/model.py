@@ -17,9 +17,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from backend.brush import brush_region, textarea_region
-from backend.media import MediaError
-from backend.prompts import LabelingSpec, collect_prompts, is_interactive, parse_label_config
+from backend.labelstudio.brush import brush_region, textarea_region
+from backend.labelstudio.media import MediaError
+from backend.labelstudio.prompts import LabelingSpec, collect_prompts, is_interactive, parse_label_config
 
 logger = logging.getLogger(__name__)
 
