@@ -17,6 +17,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from transformers import CLIPConfig
 
 from .modeling.clip_surgery import CLIPSurgery
+from .options import opt
 from .modeling.ssp_sam import SSPSAM
 
 log = logging.getLogger(__name__)
@@ -227,13 +228,15 @@ def set_trainable(model: SSPSAM, *, train_mask_decoder: bool = True) -> None:
 class ModelConfig:
     """Where a ready model comes from. ``load_model(cfg)`` is the one path the backend, CLI and trainer use."""
 
-    variant: str = "demo"
-    checkpoint: str | None = None       # official SSP-SAM .pth ({"model": ...}) or a bundle; None = demo bundle
-    sam_checkpoint: str | None = None   # segment-anything .pth
-    clip_checkpoint: str | None = None  # OpenAI CLIP .pt (TorchScript or state dict) or transformers model dir
-    device: str = "auto"
-    dtype: str = "auto"
-    strict: bool = True
+    variant: str = opt("demo", "model variant: demo (the packaged model), ssp-sam-224, ssp-sam-336 "
+                               "(official) or ssp-sam-224-vit-b and the other faster combinations")
+    checkpoint: str | None = opt(None, "SSP-SAM weights: an official .pth or a bundle (default: the packaged demo "
+                                       "bundle for the demo variant)")
+    sam_checkpoint: str | None = opt(None, "segment-anything checkpoint (.pth) for the SAM parts")
+    clip_checkpoint: str | None = opt(None, "OpenAI CLIP .pt (TorchScript or state dict) or a transformers CLIP folder")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = opt("auto", "auto, fp32, bf16 or fp16 (autocast on CUDA; the CPU runs fp32)")
+    strict: bool = True                 # fail when a trained SSP-SAM part is missing from the checkpoint
     with_image_encoder: bool = True
     version: str | None = None          # the model_version to report; default <variant>-<sha8 of checkpoint>
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -336,19 +337,9 @@ def load_bundle_weights(model, bundle: dict, strict: bool = True) -> LoadReport:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace`` (never a torn file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` all or nothing (:func:`ssp_sam.io.atomic_write`)."""
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def save_bundle(model, tokenizer, path: str | Path, meta: dict | None = None, include_frozen: bool = True,

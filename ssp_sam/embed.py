@@ -19,6 +19,9 @@ import torch
 
 from ssp_sam.data import Sample
 from ssp_sam.data.datasets import image_key
+from ssp_sam.build import ModelConfig
+from ssp_sam.io import atomic_write
+from ssp_sam.options import add_model_args, model_config_from_args
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +55,8 @@ def embed_dataset(model, dataset: Sequence[Sample], out_dir: str | os.PathLike, 
         x = torch.stack([sam_input(img, spec.sam_image_size) for _, img in todo]).to(device)
         emb = model.encode_image(x).float().cpu().numpy()
         for (key, _), e in zip(todo, emb):
-            tmp = out / f".{key}.tmp.npy"
-            np.save(tmp, e)
-            os.replace(tmp, out / f"{key}.npy")
+            with atomic_write(out / f"{key}.npy") as f:
+                np.save(f, e)
             written += 1
         todo.clear()
 
@@ -107,26 +109,25 @@ class EmbeddingStore(Mapping):
         return [i for i in range(len(self.dataset)) if i not in self]
 
 
+_EMBED_MODEL = ModelConfig(variant="ssp-sam-224", strict=False)  # only its SAM weights are used
+
+
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add ``ssp-sam embed``."""
     p = subparsers.add_parser("embed", help="precompute SAM image embeddings of a dataset (resumable)",
                               description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="synthetic:N[:seed=S] | file.jsonl | official:ROOT:DATASET:SPLIT")
     p.add_argument("--out", required=True, help="output folder of .npy files")
-    p.add_argument("--variant", default="ssp-sam-224")
-    p.add_argument("--checkpoint", default=None, help="SSP-SAM checkpoint or bundle (for its SAM weights)")
-    p.add_argument("--sam-checkpoint", default=None, help="segment-anything .pth")
-    p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
+    add_model_args(p, _EMBED_MODEL)
     p.set_defaults(func=_cli_embed)
 
 
 def _cli_embed(args: argparse.Namespace) -> int:
-    from ssp_sam.build import ModelConfig, load_model
+    from ssp_sam.build import load_model
     from ssp_sam.data.datasets import load_dataset
 
-    loaded = load_model(ModelConfig(variant=args.variant, checkpoint=args.checkpoint,
-                                    sam_checkpoint=args.sam_checkpoint, device=args.device, strict=False))
+    loaded = load_model(model_config_from_args(args, _EMBED_MODEL))
     counts = embed_dataset(loaded.model, load_dataset(args.data), args.out, batch_size=args.batch_size)
     print(f"embeddings in {args.out}: {counts['written']} written, {counts['skipped']} already there")
     return 0

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from ssp_sam.metrics import format_table
+from ssp_sam.options import add_model_args, model_config_from_args
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -20,26 +21,20 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__.splitlines()[0])
     p.add_argument("--data", default="synthetic:500:seed=2",
                    help="synthetic:N[:seed=S][:domain=D] | file.jsonl | official:ROOT:DATASET:SPLIT[:images=DIR]")
-    p.add_argument("--variant", default="demo")
-    p.add_argument("--checkpoint", default=None, help="bundle or official .pth (default: the packaged demo model)")
-    p.add_argument("--sam-checkpoint", default=None)
-    p.add_argument("--clip-checkpoint", default=None)
-    p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--threshold", type=float, default=0.0, help="logit threshold (0 = probability 0.5)")
     p.add_argument("--out", default=None, help="write the metrics here as JSON")
+    add_model_args(p)
     p.set_defaults(func=_cli_eval)
 
 
 def _cli_eval(args: argparse.Namespace) -> int:
-    from ssp_sam.build import ModelConfig, load_model
+    from ssp_sam.build import load_model
     from ssp_sam.data.datasets import load_dataset
     from ssp_sam.train import evaluate_model
 
-    loaded = load_model(ModelConfig(variant=args.variant, checkpoint=args.checkpoint,
-                                    sam_checkpoint=args.sam_checkpoint, clip_checkpoint=args.clip_checkpoint,
-                                    device=args.device))
+    loaded = load_model(model_config_from_args(args))
     data = load_dataset(args.data)
     m = evaluate_model(loaded.model, loaded.tokenizer, data, batch_size=args.batch_size,
                        max_samples=args.max_samples, threshold=args.threshold, progress=True)

@@ -56,6 +56,11 @@ def mask_iou(pred: np.ndarray, gt: np.ndarray, threshold: float | None = None) -
     return inter / union, inter, union
 
 
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Plain IoU of two binary masks of one shape (1.0 when both are empty, 0.0 when only one is)."""
+    return mask_iou(a, b, threshold=1)[0]
+
+
 class MetricAccumulator:
     """Accumulates per-sample IoUs; ``compute()`` returns the split metrics, optionally per group (e.g. kind)."""
 

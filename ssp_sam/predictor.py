@@ -1,7 +1,7 @@
 """``SSPSAMPredictor``: preprocessing, caches and batching around a loaded SSP-SAM (like segment-anything's
 ``SamPredictor``). The model stays tensors in, tensors out.
 
-* Images are read with EXIF orientation and converted to RGB (``transforms.load_image``).
+* Images are read with EXIF orientation and converted to RGB (``images.load_image``).
 * Image features (the SAM image embedding and the CLIP-Surgery tokens) are cached by image content in an LRU bounded
   in bytes; a rephrased sentence on the same image re-runs only the prompt path and the mask decoder.
 * Text features are cached by sentence (bounded by count).
@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import threading
 import time
@@ -25,8 +24,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from .build import LoadedModel, ModelConfig, load_model
-from .transforms import ClipMeta, box_from_clip_frame, clip_input, frame_to_original, load_image, sam_input
+from .build import LoadedModel, load_model
+from .images import image_digest, load_image
+from .options import add_model_args, model_config_from_args
+from .transforms import ClipMeta, box_from_clip_frame, clip_input, frame_to_original, sam_input
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +132,8 @@ class SSPSAMPredictor:
 
     # -- features -------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def image_key(image: np.ndarray) -> str:
-        h = hashlib.sha1(np.ascontiguousarray(image).data)
-        h.update(str(image.shape).encode())
-        return h.hexdigest()
-
     def _image_features(self, images: list[np.ndarray], batch_size: int) -> list[_ImageFeatures]:
-        keys = [self.image_key(im) for im in images]
+        keys = [image_digest(im) for im in images]
         found: dict[str, _ImageFeatures] = {}
         todo: list[int] = []
         for i, k in enumerate(keys):
@@ -248,21 +243,6 @@ def overlay(image: np.ndarray, mask: np.ndarray, box: Iterable[float] | None = N
     if box is not None:
         ImageDraw.Draw(pil).rectangle([float(v) for v in box], outline=(255, 255, 0), width=2)
     return pil
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The options that make a ``ModelConfig`` (shared by several subcommands)."""
-    p.add_argument("--variant", default="demo", help="model variant (default: the packaged demo model)")
-    p.add_argument("--checkpoint", default=None, help="SSP-SAM checkpoint: official .pth or a bundle")
-    p.add_argument("--sam-checkpoint", default=None, help="segment-anything checkpoint (.pth)")
-    p.add_argument("--clip-checkpoint", default=None, help="OpenAI CLIP .pt or transformers CLIP directory")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", help="auto, fp32, bf16, fp16 (CUDA autocast)")
-
-
-def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(variant=args.variant, checkpoint=args.checkpoint, sam_checkpoint=args.sam_checkpoint,
-                       clip_checkpoint=args.clip_checkpoint, device=args.device, dtype=args.dtype)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""Image and mask transforms: reading pictures, the SAM and CLIP inputs, and the mask frames.
+"""Image and mask transforms: the SAM and CLIP inputs and the mask frames (reading pictures: ``ssp_sam.images``).
 
 Frames: SAM sees the image resized so its longest side is ``S_sam`` (``ResizeLongestSide``), normalised and
 zero-padded at the bottom/right to a square. SSP-SAM's logits live in that padded square at half resolution
@@ -8,15 +8,13 @@ zero-padded at the bottom/right to a square. SSP-SAM's logits live in that padde
 from __future__ import annotations
 
 import dataclasses
-import io
 import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch.nn import functional as F
 
@@ -24,55 +22,6 @@ SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-ImageLike = "np.ndarray | Image.Image | str | Path | bytes"
-
-
-def load_image(src) -> np.ndarray:
-    """Any picture -> RGB uint8 (H, W, 3), EXIF orientation applied (as browsers and Label Studio display it).
-
-    Accepts a path, raw bytes, a PIL image or an array. Grayscale, palette, RGBA/LA (alpha dropped), CMYK and
-    16-bit / float images are converted to 8-bit RGB.
-    """
-    if isinstance(src, np.ndarray):
-        return _array_to_rgb(src)
-    if isinstance(src, (bytes, bytearray)):
-        img = Image.open(io.BytesIO(src))
-    elif isinstance(src, (str, Path)):
-        img = Image.open(src)
-    elif isinstance(src, Image.Image):
-        img = src
-    else:
-        raise TypeError(f"cannot read an image from {type(src).__name__}")
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return _array_to_rgb(np.asarray(img))
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return np.asarray(img, dtype=np.uint8).copy()
-
-
-def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
-    arr = np.asarray(arr)
-    if arr.dtype != np.uint8:
-        a = arr.astype(np.float64)
-        if np.issubdtype(arr.dtype, np.floating) and a.size and a.max() <= 1.0:
-            a = a * 255.0
-        elif a.size and a.max() > 255:  # 16-bit or wider: scale by the type's (or the data's) range
-            a = a * (255.0 / (65535.0 if a.max() <= 65535 else a.max()))
-        arr = np.clip(np.rint(a), 0, 255).astype(np.uint8)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    if arr.ndim != 3:
-        raise ValueError(f"image array must be (H, W) or (H, W, C), got shape {arr.shape}")
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    elif arr.shape[2] == 4:
-        arr = arr[:, :, :3]
-    elif arr.shape[2] != 3:
-        raise ValueError(f"image array must have 1, 3 or 4 channels, got {arr.shape[2]}")
-    return np.ascontiguousarray(arr)
-
 
 def resized_hw(h: int, w: int, size: int) -> tuple[int, int]:
     """SAM's ResizeLongestSide target size (int(x + 0.5) rounding)."""

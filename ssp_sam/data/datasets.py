@@ -29,16 +29,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ssp_sam.data.masks import brush_rle_to_mask, coco_rle_to_mask
 from ssp_sam.data.sample import Sample, mask_to_box
+from ssp_sam.io import atomic_write
+from ssp_sam.images import image_digest, load_image
 
 ANN_FILES = {  # accepted dataset names -> annotation file stem (official VGDataset keys and file names)
     "refcoco": "refcoco", "unc": "refcoco", "refcoco+": "refcoco+", "unc+": "refcoco+",
@@ -50,8 +52,6 @@ REFERIT_DATASETS = {"refclef"}
 
 
 def _read_image(path: Path) -> np.ndarray:
-    from ssp_sam.transforms import load_image
-
     if not path.exists():
         raise FileNotFoundError(f"image not found: {path}")
     return load_image(path)
@@ -66,9 +66,7 @@ def image_key(sample: Sample) -> str:
     key = sample.meta.get("image_key")
     if key:
         return _file_safe(key)
-    h = hashlib.sha1(np.ascontiguousarray(sample.image).tobytes())
-    h.update(str(sample.image.shape).encode())
-    return h.hexdigest()[:20]
+    return image_digest(sample.image)[:20]
 
 
 def image_groups(dataset: Sequence[Sample]) -> list[int]:
@@ -156,45 +154,6 @@ class OfficialRefDataset:
 # JSON lines
 
 
-def decode_coco_rle(rle: dict[str, Any]) -> np.ndarray:
-    """COCO RLE (``counts`` list or compressed string, ``size`` [H, W], column-major) -> uint8 (H, W)."""
-    h, w = (int(v) for v in rle["size"])
-    counts = rle["counts"]
-    if isinstance(counts, (str, bytes)):
-        counts = _coco_string_to_counts(counts.decode() if isinstance(counts, bytes) else counts)
-    flat = np.zeros(h * w, np.uint8)
-    pos, val = 0, 0
-    for c in counts:
-        c = int(c)
-        if val:
-            flat[pos:pos + c] = 1
-        pos += c
-        val ^= 1
-    if pos != h * w:
-        raise ValueError(f"COCO RLE covers {pos} pixels, expected {h * w}")
-    return flat.reshape(w, h).T.copy()
-
-
-def _coco_string_to_counts(s: str) -> list[int]:
-    """The LEB128-like compressed counts of pycocotools (``rleFrString``)."""
-    counts: list[int] = []
-    p = 0
-    while p < len(s):
-        x, k, more = 0, 0, True
-        while more:
-            c = ord(s[p]) - 48
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and (c & 0x10):
-                x |= -1 << (5 * k)
-        if len(counts) > 2:
-            x += counts[-2]
-        counts.append(x)
-    return counts
-
-
 def decode_mask_field(value: Any, base: Path, hw: tuple[int, int]) -> np.ndarray:
     """The ``mask`` field of a JSON-lines record -> uint8 (H, W) {0, 1}."""
     h, w = hw
@@ -213,15 +172,9 @@ def decode_mask_field(value: Any, base: Path, hw: tuple[int, int]) -> np.ndarray
                 m = np.asarray(im.convert("L") if im.mode not in ("L", "1", "I", "I;16") else im)
         m = (np.asarray(m) > 0).astype(np.uint8)
     elif isinstance(value, dict) and "rle" in value:
-        from label_studio_sdk.converter.brush import decode_rle
-
-        mh, mw = int(value.get("height", h)), int(value.get("width", w))
-        flat = np.asarray(decode_rle(value["rle"]), np.uint8)
-        if flat.size != mh * mw * 4:
-            raise ValueError(f"brush RLE decodes to {flat.size} values, expected {mh}x{mw}x4")
-        m = (flat.reshape(mh, mw, 4)[:, :, 3] > 0).astype(np.uint8)
+        m = brush_rle_to_mask(value["rle"], int(value.get("height", h)), int(value.get("width", w))).astype(np.uint8)
     elif isinstance(value, dict) and "counts" in value:
-        m = decode_coco_rle(value)
+        m = coco_rle_to_mask(value)
     else:
         raise ValueError(f"unsupported mask value {str(value)[:80]!r}")
     if m.shape != (h, w):
@@ -280,17 +233,18 @@ class JsonlDataset:
         return s
 
 
-def write_jsonl(samples: Sequence[Sample], out_dir: str | os.PathLike, name: str = "annotations.jsonl") -> Path:
-    """Write Samples as PNG images and masks plus a JSON-lines file; returns the file's path."""
+def write_jsonl(samples: Iterable[Sample], out_dir: str | os.PathLike, name: str = "annotations.jsonl",
+                total: int | None = None, progress: bool = False) -> Path:
+    """Write Samples as PNG images and masks plus a JSON-lines file (written atomically); returns the file's path."""
     from PIL import Image
+    from tqdm import tqdm
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     path = out / name
-    tmp = out / f".{name}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for k, s in enumerate(samples):
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        for k, s in enumerate(tqdm(samples, total=total, desc="write", unit="sample", disable=not progress)):
             stem = f"{k:07d}"
             Image.fromarray(s.image).save(out / "images" / f"{stem}.png")
             Image.fromarray((s.mask > 0).astype(np.uint8) * 255).save(out / "masks" / f"{stem}.png")
@@ -298,7 +252,6 @@ def write_jsonl(samples: Sequence[Sample], out_dir: str | os.PathLike, name: str
                    "box_xyxy": None if s.box_xyxy is None else [float(v) for v in s.box_xyxy],
                    "meta": _jsonable(s.meta)}
             f.write(json.dumps(rec) + "\n")
-    os.replace(tmp, path)
     return path
 
 
@@ -344,5 +297,5 @@ def load_dataset(spec: str, train: bool = False, progress: bool = False):
     raise ValueError(f"cannot tell what dataset {spec!r} is: use synthetic:N, a .jsonl file or official:ROOT:DS:SPLIT")
 
 
-__all__ = ["OfficialRefDataset", "JsonlDataset", "write_jsonl", "load_dataset", "decode_coco_rle",
-           "decode_mask_field", "image_key", "image_groups"]
+__all__ = ["OfficialRefDataset", "JsonlDataset", "write_jsonl", "load_dataset", "decode_mask_field", "image_key",
+           "image_groups"]

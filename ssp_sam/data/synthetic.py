@@ -579,24 +579,9 @@ def write_synthetic(out_dir: str | os.PathLike, n: int, seed: int = 0, config: S
                     progress: bool = True) -> Path:
     """Write ``n`` samples as PNG images/masks plus ``annotations.jsonl`` (the JSON-lines format of
     :mod:`ssp_sam.data.datasets`). Returns the path of the JSON-lines file."""
-    from PIL import Image
-    from tqdm import tqdm
+    from ssp_sam.data.datasets import write_jsonl
 
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-    path = out / "annotations.jsonl"
-    tmp = path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for s in tqdm(iter_samples(n, seed, config), total=n, desc="synth", unit="sample", disable=not progress):
-            name = f"{seed}_{s.meta['index']:07d}.png"
-            Image.fromarray(s.image).save(out / "images" / name)
-            Image.fromarray(s.mask * 255).save(out / "masks" / name)
-            rec = {"image": f"images/{name}", "sentence": s.sentence, "mask": f"masks/{name}",
-                   "box_xyxy": None if s.box_xyxy is None else [float(v) for v in s.box_xyxy], "meta": s.meta}
-            f.write(json.dumps(rec) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_jsonl(iter_samples(n, seed, config), out_dir, total=n, progress=progress)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ssp_sam.data.datasets import (JsonlDataset, OfficialRefDataset, decode_coco_rle, image_groups, image_key,
-                                   load_dataset, write_jsonl)
+from ssp_sam.data.datasets import (JsonlDataset, OfficialRefDataset, image_groups, image_key, load_dataset,
+                                   write_jsonl)
 from ssp_sam.data.synthetic import generate_sample
 
 
@@ -89,27 +89,6 @@ def test_jsonl_roundtrip_and_mask_formats(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"sentence": "no image"}\n')
     with pytest.raises(ValueError, match="image"):
         JsonlDataset(tmp_path / "bad.jsonl")
-
-
-def test_coco_compressed_string():
-    # pycocotools encodes counts [1, 2, 1] (2x2 mask, column-major 0,1,1,0) as the string "0120"? — build it here
-    # from the documented LEB128-like scheme: each count (after the third, delta to count[-2]) in 5-bit groups + 48.
-    counts = [1, 2, 1]
-    s = ""
-    for i, x in enumerate(counts):
-        if i > 2:
-            x -= counts[i - 2]
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5
-            more = not ((c & 0x10) == 0 and x == 0 or (c & 0x10) and x == -1)
-            if more:
-                c |= 0x20
-            s += chr(c + 48)
-    m = decode_coco_rle({"counts": s, "size": [2, 2]})
-    assert m.tolist() == [[0, 1], [1, 0]]
-    assert decode_coco_rle({"counts": counts, "size": [2, 2]}).tolist() == [[0, 1], [1, 0]]
 
 
 def test_load_dataset_errors():

@@ -10,8 +10,9 @@ from PIL import Image
 from ssp_sam.build import LoadedModel, build_model
 from ssp_sam.predictor import ByteLRU, SSPSAMPredictor
 from ssp_sam.tokenizer import load_tokenizer
-from ssp_sam.transforms import (box_from_clip_frame, box_to_clip_frame, clip_input, frame_to_original, load_image,
-                                mask_to_frame, resized_hw, sam_input)
+from ssp_sam.images import load_image
+from ssp_sam.transforms import (box_from_clip_frame, box_to_clip_frame, clip_input, frame_to_original, mask_to_frame,
+                                resized_hw, sam_input)
 
 
 def _png(img: Image.Image, **kw) -> bytes:
