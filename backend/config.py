@@ -12,10 +12,9 @@ import os
 from dataclasses import dataclass, fields
 from typing import Mapping, Optional
 
-DEFAULT_PROMPT_FIELDS = ("text", "prompt", "caption", "expression")
+from backend.labelstudio.prompts import DEFAULT_PROMPT_FIELDS
+from ssp_sam.options import parse_bool
 
-_TRUE = {"1", "true", "yes", "on", "y", "t"}
-_FALSE = {"0", "false", "no", "off", "n", "f", ""}
 
 
 class ConfigError(ValueError):
@@ -57,15 +56,13 @@ def _float(env, name, default: float, minimum: Optional[float] = None) -> float:
 
 
 def _bool(env, name, default: bool) -> bool:
-    raw = env.get(name)
+    raw = _get(env, name)
     if raw is None:
         return default
-    low = raw.strip().lower()
-    if low in _TRUE:
-        return True
-    if low in _FALSE:
-        return False
-    raise ConfigError(f"{name} must be a boolean (true/false), got {raw!r}")
+    try:
+        return parse_bool(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a boolean (true/false), got {raw!r}") from None
 
 
 @dataclass(frozen=True)
@@ -167,21 +164,8 @@ class BackendConfig:
         return bool(self.basic_auth_user and self.basic_auth_pass)
 
     @property
-    def versions_dir(self) -> str:
-        return os.path.join(self.model_dir, "versions")
-
-    @property
-    def version_pointer(self) -> str:
-        """``MODEL_DIR/versions/current.json``, written atomically by the trainer."""
-        return os.path.join(self.versions_dir, "current.json")
-
-    @property
     def resolved_media_cache_dir(self) -> str:
         return self.media_cache_dir or os.path.join(self.model_dir, "media-cache")
-
-    def replace(self, **changes) -> "BackendConfig":
-        from dataclasses import replace
-        return replace(self, **changes)
 
     def redacted(self) -> dict:
         """The configuration as a dict with secrets masked (for logs and /health)."""

@@ -42,9 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from backend.learning.corrections import decode_region_mask, wait_until_idle  # noqa: E402
-from backend.learning.datastore import mask_iou  # noqa: E402
+from backend.labelstudio.brush import region_mask  # noqa: E402
+from ssp_sam.metrics import iou  # noqa: E402
 from backend.learning.finetune import FinetuneConfig, is_heldout, run_once  # noqa: E402
+from tests.fakes import wait_until_idle  # noqa: E402
 from tests.payloads import TEST_LABEL_CONFIG, annotation_event  # noqa: E402
 
 log = logging.getLogger("bench.learn_from_corrections")
@@ -135,7 +136,7 @@ def predict_masks(client, tasks: list[dict]) -> tuple[dict[int, np.ndarray | Non
         brush = [x for x in pred.get("result", []) if x.get("type") == "brushlabels"]
         if brush:
             b = brush[0]
-            out[t["id"]] = decode_region_mask(b["value"], b["original_width"], b["original_height"])
+            out[t["id"]] = region_mask(b["value"], b["original_width"], b["original_height"])
         else:
             out[t["id"]] = None
     return out, version, lat
@@ -147,7 +148,7 @@ def served_miou(preds: dict, truth: dict, ids: list[int]) -> dict:
         gt = truth[i].astype(bool)
         p = preds.get(i)
         p = np.zeros_like(gt) if p is None else p
-        ious.append(mask_iou(p, gt))
+        ious.append(iou(p, gt))
         inter += int(np.logical_and(p, gt).sum())
         union += int(np.logical_or(p, gt).sum())
     return {"mIoU": float(np.mean(ious)) if ious else float("nan"), "oIoU": inter / union if union else float("nan"),
@@ -291,7 +292,7 @@ def main(argv=None) -> int:
             gt = truth[tid].astype(bool)
             if not gt.any():  # nothing matches: submitted without a region (the predicted one deleted, if any)
                 origin, submitted = "empty", None
-            elif p is not None and p.any() and mask_iou(p, gt) >= args.accept_iou:
+            elif p is not None and p.any() and iou(p, gt) >= args.accept_iou:
                 origin, submitted = "prediction", p
             elif p is not None and p.any():
                 origin, submitted = "prediction-changed", gt

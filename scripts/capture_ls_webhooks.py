@@ -26,7 +26,7 @@ import requests  # noqa: E402
 from flask import Flask, jsonify, request  # noqa: E402
 from werkzeug.serving import make_server  # noqa: E402
 
-from backend.labelstudio.brush import mask_to_rle  # noqa: E402
+from ssp_sam.data.masks import mask_to_brush_rle  # noqa: E402
 from tests.e2e.ls_harness import (LABEL_CONFIG, TOKEN, ensure_ls_venv, free_port, start_label_studio,  # noqa: E402
                                   stop, wait_http)
 
@@ -93,14 +93,14 @@ def main() -> int:
             result = [
                 {"id": "r1", "from_name": "tag", "to_name": "image", "type": "brushlabels", "origin": "manual",
                  "original_width": 64, "original_height": 48, "image_rotation": 0,
-                 "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": ["object"]}},
+                 "value": {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": ["object"]}},
                 {"id": "t1", "from_name": "prompt", "to_name": "image", "type": "textarea", "origin": "manual",
                  "value": {"text": ["the red circle on the left"]}},
             ]
             ann = call("POST", f"/api/tasks/{tid}/annotations",
                        json={"result": result, "was_cancelled": False, "ground_truth": False, "lead_time": 2.5})
             mask[10:30, 5:30] = 255
-            result[0]["value"]["rle"] = mask_to_rle(mask)
+            result[0]["value"]["rle"] = mask_to_brush_rle(mask)
             call("PATCH", f"/api/annotations/{ann['id']}", json={"result": result, "lead_time": 4.0})
             call("POST", f"/api/ml/{ml['id']}/train")
             call("DELETE", f"/api/annotations/{ann['id']}")

@@ -15,7 +15,10 @@ GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "gold
 def golden_dir():
     path = os.environ.get("SSP_SAM_GOLDEN_DIR", GOLDEN_DIR)
     if not os.path.exists(os.path.join(path, "manifest.json")):
-        pytest.skip(f"no golden folder at {path} (shared/ is present only in development and CI)")
+        message = f"no golden folder at {path} (set SSP_SAM_GOLDEN_DIR; the reference outputs are not in this repository)"
+        if os.environ.get("CI"):
+            pytest.fail(message)       # CI has them: the parity check never silently switches itself off there
+        pytest.skip(message)
     return path
 
 

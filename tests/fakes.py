@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,15 +46,17 @@ def fake_mask(image: np.ndarray, sentence: str) -> np.ndarray:
 
 
 class FakePredictor:
-    def __init__(self, version="fake-0001", fail_on=None, delay=0.0):
+    """``predict_batch`` with masks from ``fake_mask``; ``score`` marks which predictor answered."""
+
+    def __init__(self, version="fake-0001", fail_on=None, delay=0.0, score=0.9):
         self.version = version
         self.fail_on = fail_on
         self.delay = delay
+        self.score = score
         self.calls = []
         self.lock = threading.Lock()
 
     def predict_batch(self, pairs, batch_size=8):
-        import time
         with self.lock:
             self.calls.append([s for _, s in pairs])
         if self.delay:
@@ -64,7 +67,7 @@ class FakePredictor:
                 raise RuntimeError("boom: CUDA out of memory (fake)")
             assert isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
             m = fake_mask(image, sentence)
-            out.append(FakePrediction(mask=m, score=0.9 if m.any() else 0.0,
+            out.append(FakePrediction(mask=m, score=self.score if m.any() else 0.0,
                                       box_xyxy=np.zeros(4, np.float32), no_target=not m.any()))
         return out
 
@@ -130,3 +133,13 @@ def task(tid, image, text=None, **data):
         d["text"] = text
     d.update(data)
     return {"id": tid, "project": 1, "data": d}
+
+
+def wait_until_idle(store, timeout: float = 30.0, poll: float = 0.05) -> bool:
+    """Block until the datastore's inbox has nothing pending or processing (tests, benchmarks)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if store.pending_event_count() == 0:
+            return True
+        time.sleep(poll)
+    return False

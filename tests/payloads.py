@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from backend.labelstudio.brush import mask_to_rle
+from ssp_sam.data.masks import mask_to_brush_rle
 
 
 TEST_LABEL_CONFIG = """<View>
@@ -20,7 +20,7 @@ def brush_result(mask: np.ndarray, region_id: str, origin: str = "manual", label
     h, w = np.asarray(mask).shape
     return {"id": region_id, "from_name": from_name, "to_name": to_name, "type": "brushlabels",
             "original_width": int(w), "original_height": int(h), "image_rotation": 0, "origin": origin,
-            "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}}
+            "value": {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": [label]}}
 
 
 def textarea_result(text: str, region_id: str, from_name: str = "prompt", to_name: str = "image",

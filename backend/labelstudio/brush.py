@@ -1,33 +1,18 @@
-"""Masks <-> Label Studio regions (BrushLabels RLE).
+"""Masks <-> Label Studio regions (BrushLabels RLE, TextArea).
 
-The frontend decodes RLE into an ImageData of the image's *natural* size (after EXIF orientation), reading alpha:
-masks must be uint8 0/255 of exactly that size (protocol doc §7).
+The editor decodes a brush RLE into an RGBA image of the picture's *natural* size (after EXIF orientation) and reads
+its alpha channel: a region's mask must be 0/255 of exactly that size, with ``original_width`` / ``original_height``
+set to it. The codec itself is ``ssp_sam.data.masks``.
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import Iterable, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
-from label_studio_sdk.converter.brush import decode_rle, mask2rle
 
-
-def mask_to_rle(mask: np.ndarray) -> list[int]:
-    """(H, W) bool/0-1/0-255 mask -> LS brush RLE (list of ints 0..255)."""
-    m = np.asarray(mask)
-    if m.ndim != 2:
-        raise ValueError(f"mask must be 2-D, got shape {m.shape}")
-    m = (m > 0).astype(np.uint8) * 255 if m.dtype == bool or m.max(initial=0) <= 1 else (m > 127).astype(np.uint8) * 255
-    return [int(v) for v in mask2rle(np.ascontiguousarray(m, dtype=np.uint8))]
-
-
-def rle_to_mask(rle: Iterable[int], height: int, width: int) -> np.ndarray:
-    """LS brush RLE -> (H, W) bool mask (alpha channel > 0)."""
-    flat = decode_rle(list(rle))
-    if flat.size != height * width * 4:
-        raise ValueError(f"RLE holds {flat.size // 4} pixels, expected {height}x{width}={height * width}")
-    return np.reshape(flat, (height, width, 4))[:, :, 3] > 0
+from ssp_sam.data.masks import brush_rle_to_mask, mask_to_brush_rle
 
 
 def new_region_id() -> str:
@@ -36,6 +21,7 @@ def new_region_id() -> str:
 
 def brush_region(mask: np.ndarray, *, from_name: str, to_name: str, label: Optional[str], score: float,
                  region_id: Optional[str] = None) -> dict:
+    """A predicted ``brushlabels`` result item for an (H, W) mask at the image's natural size."""
     h, w = int(mask.shape[0]), int(mask.shape[1])
     return {
         "id": region_id or new_region_id(),
@@ -45,13 +31,14 @@ def brush_region(mask: np.ndarray, *, from_name: str, to_name: str, label: Optio
         "original_width": w,
         "original_height": h,
         "image_rotation": 0,
-        "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label] if label else []},
+        "value": {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": [label] if label else []},
         "score": float(score),
         "readonly": False,
     }
 
 
 def textarea_region(texts: list[str], *, from_name: str, to_name: str, region_id: Optional[str] = None) -> dict:
+    """A ``textarea`` result item (echoes the sentence a prediction was made for)."""
     return {
         "id": region_id or new_region_id(),
         "from_name": from_name,
@@ -59,6 +46,15 @@ def textarea_region(texts: list[str], *, from_name: str, to_name: str, region_id
         "type": "textarea",
         "value": {"text": list(texts)},
     }
+
+
+def region_mask(value: Mapping[str, Any], width: int, height: int) -> np.ndarray:
+    """(H, W) bool mask of a submitted brush region's ``value`` (``format: rle``), checked against the image size.
+    Raises ``ssp_sam.data.masks.MaskDecodeError`` (a ValueError) with the reason."""
+    fmt = str(value.get("format") or "rle").lower()
+    if fmt != "rle":
+        raise ValueError(f"unsupported brush format {fmt!r}")
+    return brush_rle_to_mask(value.get("rle"), height, width)
 
 
 def redact_rle(obj):

@@ -21,14 +21,18 @@ import json
 import logging
 import os
 import threading
+import time
 from typing import Callable, Optional
 from urllib.parse import urlparse
 
 import numpy as np
 import requests
-from PIL import Image, ImageOps
+from PIL import Image
 
 from label_studio_sdk._extensions.label_studio_tools.core.utils import io as _ls_io
+
+from ssp_sam.images import load_image
+from ssp_sam.io import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -40,17 +44,20 @@ class MediaError(Exception):
     """A task's media could not be read. The message is safe to show to a client (no secrets)."""
 
 
-def is_jwt(token: str) -> bool:
-    return bool(token) and _ls_io.is_jwt_well_formed(token)
+def _jwt_claims(token: str) -> dict:
+    """The claims of a JWT, unverified ({} for a legacy key): Label Studio checks the signature, this only reads
+    which kind of token it is and when it expires."""
+    import jwt
+
+    try:
+        return jwt.decode(token, options={"verify_signature": False})
+    except Exception:
+        return {}
 
 
 def jwt_token_type(token: str) -> Optional[str]:
     """``"refresh"`` for a personal access token, ``"access"`` for an access JWT, None for a legacy key."""
-    try:
-        import jwt
-        return jwt.decode(token, options={"verify_signature": False}).get("token_type")
-    except Exception:
-        return None
+    return _jwt_claims(token).get("token_type")
 
 
 class _TimeoutSession(requests.Session):
@@ -67,15 +74,24 @@ class _TimeoutSession(requests.Session):
 
 
 class _SDKTokenClient:
-    """Exchanges a PAT (JWT refresh token) for access tokens through label-studio-sdk's token client, which caches
-    the access token and refreshes it when it expires (thread-safe)."""
+    """Exchanges a personal access token (a JWT refresh token) for short-lived access tokens through the SDK's public
+    ``client.tokens.refresh``; the access token is reused until a minute before it expires (thread-safe)."""
 
     def __init__(self, hostname: str, pat: str):
         from label_studio_sdk.client import LabelStudio
+
         self._client = LabelStudio(base_url=hostname, api_key=pat)
+        self._pat = pat
+        self._lock = threading.Lock()
+        self._access: Optional[str] = None
+        self._expires = 0.0
 
     def access_token(self) -> str:
-        return self._client._client_wrapper._tokens_client.api_key
+        with self._lock:
+            if self._access is None or time.time() > self._expires - 60:
+                self._access = self._client.tokens.refresh(refresh=self._pat).access
+                self._expires = float(_jwt_claims(self._access).get("exp") or 0)
+            return self._access
 
 
 TokenClientFactory = Callable[[str, str], object]   # (hostname, pat) -> object with .access_token()
@@ -137,12 +153,7 @@ class MediaFetcher:
         if not self.persist_path:
             return
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(self.persist_path)), exist_ok=True)
-            tmp = f"{self.persist_path}.{os.getpid()}.{threading.get_ident()}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(snapshot, f)
-            os.replace(tmp, self.persist_path)
+            write_text_atomic(self.persist_path, json.dumps(snapshot), permissions=0o600)
         except OSError as exc:
             logger.warning("cannot persist the Label Studio connection: %s", exc)
 
@@ -238,7 +249,7 @@ class MediaFetcher:
         for attempt in (0, 1):
             path = self.fetch(url, task_id=task_id, project_id=project_id)
             try:
-                return load_image_file(path)
+                return load_image(path)
             except Exception as exc:
                 # a cached file can be truncated (another process was writing it): drop it and download once more
                 if attempt == 0 and self._in_cache(path):
@@ -376,25 +387,3 @@ class MediaFetcher:
         if isinstance(exc, ValueError):
             return f"invalid media URL {safe}: {exc}"
         return f"cannot read {safe}: {type(exc).__name__}"
-
-
-def load_image_file(path_or_bytes) -> np.ndarray:
-    """RGB uint8 (H, W, 3), EXIF orientation applied (what the browser shows, so masks line up)."""
-    import io
-    src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else path_or_bytes
-    with Image.open(src) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode != "RGB":
-            im = im.convert("RGB")
-        return np.asarray(im, dtype=np.uint8).copy()
-
-
-def natural_size(path) -> tuple[int, int]:
-    """(width, height) after EXIF transpose, without decoding the pixels."""
-    with Image.open(path) as im:
-        w, h = im.size
-        try:
-            orientation = im.getexif().get(0x0112, 1)
-        except Exception:
-            orientation = 1
-        return (h, w) if orientation in (5, 6, 7, 8) else (w, h)

@@ -1,9 +1,8 @@
-"""Where a sentence comes from: the labeling config (through LabelInterface), the interactive context, task data,
-and the labels themselves.
+"""Where a sentence comes from, for a prediction and for a submitted annotation.
 
-Order of sentence sources for one task (the first that gives any sentence wins):
-1. interactive context: ``params.context.result`` items with ``type == "textarea"`` whose ``from_name`` is the prompt
-   TextArea (matched by name, never by position);
+For ``/predict``, the first source that gives any sentence wins:
+1. the interactive context: ``params.context.result`` items with ``type == "textarea"`` whose ``from_name`` is the
+   prompt TextArea (matched by name, never by position);
 2. task data fields (``PROMPT_FIELDS``, default ``text,prompt,caption,expression``); a string or a list of strings;
 3. class-level pre-labeling: every label of the BrushLabels control, as its ``predicted_values`` (comma-separated,
    one sentence each), else its ``hint``, else its value.
@@ -11,33 +10,20 @@ Order of sentence sources for one task (the first that gives any sentence wins):
 Several sentences give several regions. Labels: a sentence from 1 or 2 gets the label whose value (or one of its
 predicted values) appears in the sentence as a word (the longest match), else the first label; a sentence from 3
 gets its own label.
+
+For a submitted brush region (the correction worker): the TextArea of that region (same id or ``parentID``), else
+the annotation's TextArea that belongs to no other region, else a prompt field of the task data.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import logging
 import re
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
-logger = logging.getLogger(__name__)
+from backend.labelstudio.label_config import LabelingSpec
 
-
-class LabelConfigError(ValueError):
-    """The labeling config cannot be used by this backend (message is safe to show to a client)."""
-
-
-@dataclass(frozen=True)
-class LabelingSpec:
-    image_name: str                    # <Image name>  -> region to_name
-    image_value_key: str               # $image        -> task.data key
-    brush_name: str                    # <BrushLabels name> -> region from_name
-    labels: tuple                      # label values in config order
-    label_sentences: tuple             # ((label, (sentence, ...)), ...) for class-level pre-labeling
-    label_aliases: tuple               # ((label, (alias, ...)), ...): value + predicted_values, for matching
-    prompt_name: Optional[str] = None  # <TextArea name> bound to the image, if any
+DEFAULT_PROMPT_FIELDS = ("text", "prompt", "caption", "expression")
 
 
 @dataclass(frozen=True)
@@ -47,109 +33,49 @@ class Prompt:
     source: str                        # "context" | "task" | "label"
 
 
-def _split_values(raw) -> list[str]:
-    if not raw:
-        return []
-    return [v.strip() for v in str(raw).split(",") if v.strip()]
-
-
-@functools.lru_cache(maxsize=64)
-def _parse_cached(digest: str, label_config: str) -> LabelingSpec:
-    from label_studio_sdk.label_interface import LabelInterface
-    try:
-        li = LabelInterface(label_config)
-    except Exception as exc:
-        raise LabelConfigError(f"cannot parse the labeling config: {type(exc).__name__}: {exc}") from None
-
-    brush = None
-    for ctrl in li.controls:
-        if ctrl.tag == "BrushLabels":
-            brush = ctrl
-            break
-    if brush is None:
-        raise LabelConfigError("the labeling config has no <BrushLabels> control; this backend predicts brush masks")
-    image = None
-    for obj in brush.objects if hasattr(brush, "objects") else []:
-        if obj.tag == "Image":
-            image = obj
-            break
-    if image is None:
-        raise LabelConfigError(f"<BrushLabels name=\"{brush.name}\"> is not attached (toName) to an <Image>")
-    value = str(image.value or "")
-    if not value.startswith("$") or len(value) < 2:
-        raise LabelConfigError(f"<Image name=\"{image.name}\"> must take its URL from task data (value=\"$image\")")
-
-    prompt_name = None
-    for ctrl in li.controls:
-        if ctrl.tag == "TextArea" and image.name in (ctrl.to_name or []):
-            prompt_name = ctrl.name
-            break
-
-    labels, sentences, aliases = [], [], []
-    for label_value, tag in (brush.labels_attrs or {}).items():
-        attrs = getattr(tag, "attr", None) or {}
-        labels.append(label_value)
-        predicted = _split_values(attrs.get("predicted_values"))
-        hint = (attrs.get("hint") or "").strip()
-        sentences.append((label_value, tuple(predicted) if predicted else ((hint,) if hint else (label_value,))))
-        aliases.append((label_value, tuple([label_value] + predicted)))
-    if not labels:
-        raise LabelConfigError(f"<BrushLabels name=\"{brush.name}\"> has no <Label>")
-    return LabelingSpec(image_name=image.name, image_value_key=value[1:], brush_name=brush.name,
-                        labels=tuple(labels), label_sentences=tuple(sentences), label_aliases=tuple(aliases),
-                        prompt_name=prompt_name)
-
-
-def parse_label_config(label_config: str) -> LabelingSpec:
-    """LabelingSpec for a config XML; cached by content."""
-    if not isinstance(label_config, str) or not label_config.strip():
-        raise LabelConfigError("label_config is missing or empty")
-    digest = hashlib.sha1(label_config.encode("utf-8")).hexdigest()
-    return _parse_cached(digest, label_config)
-
-
-# ---------------------------------------------------------------------- sentence sources
-def _clean(sentence) -> Optional[str]:
+def clean_sentence(sentence: Any) -> Optional[str]:
+    """Whitespace collapsed; None for anything that is not a non-blank string."""
     if not isinstance(sentence, str):
         return None
-    s = " ".join(sentence.split())
-    return s or None
+    return " ".join(sentence.split()) or None
 
 
-def context_sentences(spec: LabelingSpec, context) -> list[str]:
-    """Sentences typed into the prompt TextArea, from an interactive ``params.context``."""
-    if not isinstance(context, dict):
+def result_texts(item: Any) -> list[str]:
+    """The cleaned, distinct texts of a ``textarea`` result item (``value.text`` is a string or a list)."""
+    if not isinstance(item, Mapping) or str(item.get("type", "")).lower() != "textarea":
         return []
-    items = context.get("result")
-    if not isinstance(items, list):
-        return []
-    out = []
-    for item in items:
-        if not isinstance(item, dict) or item.get("type") != "textarea":
-            continue
-        if spec.prompt_name is not None and item.get("from_name") != spec.prompt_name:
-            continue
-        value = item.get("value") or {}
-        texts = value.get("text") if isinstance(value, dict) else None
-        if isinstance(texts, str):
-            texts = [texts]
-        for t in texts or []:
-            s = _clean(t)
-            if s and s not in out:
-                out.append(s)
+    value = item.get("value")
+    texts = value.get("text") if isinstance(value, Mapping) else None
+    out: list[str] = []
+    for t in [texts] if isinstance(texts, str) else (texts if isinstance(texts, list) else []):
+        s = clean_sentence(t)
+        if s and s not in out:
+            out.append(s)
     return out
 
 
-def task_sentences(task: dict, fields: Sequence[str]) -> list[str]:
-    data = task.get("data") if isinstance(task, dict) else None
-    if not isinstance(data, dict):
+# ---------------------------------------------------------------------- predictions
+def context_sentences(spec: LabelingSpec, context: Any) -> list[str]:
+    """Sentences typed into the prompt TextArea, from an interactive ``params.context``."""
+    items = context.get("result") if isinstance(context, Mapping) else None
+    out: list[str] = []
+    for item in items if isinstance(items, list) else []:
+        if spec.prompt_name is not None and isinstance(item, Mapping) and item.get("from_name") != spec.prompt_name:
+            continue
+        out += [s for s in result_texts(item) if s not in out]
+    return out
+
+
+def task_sentences(task: Any, fields: Sequence[str] = DEFAULT_PROMPT_FIELDS) -> list[str]:
+    """The sentences of the first prompt field of the task data that has any."""
+    data = task.get("data") if isinstance(task, Mapping) else None
+    if not isinstance(data, Mapping):
         return []
     for key in fields:
         raw = data.get(key)
-        values = raw if isinstance(raw, list) else [raw]
-        out = []
-        for v in values:
-            s = _clean(v)
+        out: list[str] = []
+        for v in raw if isinstance(raw, list) else [raw]:
+            s = clean_sentence(v)
             if s and s not in out:
                 out.append(s)
         if out:
@@ -170,22 +96,43 @@ def label_for_sentence(spec: LabelingSpec, sentence: str) -> str:
     return best if best is not None else spec.labels[0]
 
 
-def collect_prompts(spec: LabelingSpec, task: dict, context=None,
-                    fields: Sequence[str] = ("text", "prompt", "caption", "expression")) -> list[Prompt]:
+def collect_prompts(spec: LabelingSpec, task: Any, context: Any = None,
+                    fields: Sequence[str] = DEFAULT_PROMPT_FIELDS) -> list[Prompt]:
     sentences = context_sentences(spec, context)
     if sentences:
         return [Prompt(s, label_for_sentence(spec, s), "context") for s in sentences]
     sentences = task_sentences(task, fields)
     if sentences:
         return [Prompt(s, label_for_sentence(spec, s), "task") for s in sentences]
-    out = []
-    for label, label_sents in spec.label_sentences:
-        for s in label_sents:
-            s = _clean(s)
-            if s:
-                out.append(Prompt(s, label, "label"))
-    return out
+    return [Prompt(s, label, "label") for label, label_sents in spec.label_sentences
+            for s in map(clean_sentence, label_sents) if s]
 
 
-def is_interactive(context) -> bool:
-    return isinstance(context, dict) and isinstance(context.get("result"), list)
+def is_interactive(context: Any) -> bool:
+    return isinstance(context, Mapping) and isinstance(context.get("result"), list)
+
+
+# ---------------------------------------------------------------------- submitted annotations
+def region_sentence(region: Mapping, results: Sequence[Mapping], task: Mapping,
+                    fields: Sequence[str] = DEFAULT_PROMPT_FIELDS) -> tuple[Optional[str], Optional[str]]:
+    """The sentence of a submitted brush region and where it came from: ``(sentence, "region-textarea" |
+    "textarea" | "task.data.<field>")``, or ``(None, None)``."""
+    rid = region.get("id")
+    textareas = [r for r in results if result_texts(r)]
+    owned = {r.get("id") for r in results if str(r.get("type", "")).lower() != "textarea"}
+    for r in textareas:
+        if rid is not None and (r.get("id") == rid or r.get("parentID") == rid):
+            return " ".join(result_texts(r)), "region-textarea"
+    for r in textareas:
+        if r.get("id") not in owned and r.get("parentID") not in owned:   # not another region's own TextArea
+            return " ".join(result_texts(r)), "textarea"
+    data = task.get("data") if isinstance(task.get("data"), Mapping) else {}
+    for f in fields:
+        s = clean_sentence(data.get(f))
+        if s:
+            return s, f"task.data.{f}"
+    return None, None
+
+
+__all__ = ["DEFAULT_PROMPT_FIELDS", "Prompt", "clean_sentence", "result_texts", "context_sentences",
+           "task_sentences", "label_for_sentence", "collect_prompts", "is_interactive", "region_sentence"]

@@ -11,11 +11,14 @@ import logging
 import threading
 from typing import Any, Callable, Mapping
 
-from backend.learning.corrections import PermanentError
 
 log = logging.getLogger(__name__)
 
 ClientFactory = Callable[[str, str], Any]
+
+
+class RecordUnavailable(LookupError):
+    """Label Studio cannot give this record, and asking again will not help (no connection, HTTP 4xx)."""
 
 
 def _sdk_client(hostname: str, token: str) -> Any:
@@ -27,7 +30,7 @@ def _sdk_client(hostname: str, token: str) -> Any:
 class LabelStudioRecords:
     """``fetch_annotation(id)`` / ``fetch_task(id)`` for :class:`backend.learning.corrections.WorkerConfig`.
 
-    A missing connection or a record Label Studio does not have (HTTP 4xx) is a :class:`PermanentError` (the event
+    A missing connection or a record Label Studio does not have (HTTP 4xx) is a :class:`RecordUnavailable` (the event
     fails with that message); network errors and 5xx propagate, so the worker retries the event with backoff.
     """
 
@@ -40,7 +43,7 @@ class LabelStudioRecords:
     def _client(self) -> Any:
         host, token = self.media.connection()
         if not host or not token:
-            raise PermanentError("the event names Label Studio records by id, but no Label Studio connection is known "
+            raise RecordUnavailable("the event names Label Studio records by id, but no Label Studio connection is known "
                                  "(set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, or connect the backend in Label "
                                  "Studio so /setup sends them)")
         with self._lock:
@@ -56,11 +59,11 @@ class LabelStudioRecords:
         except Exception as exc:
             status = getattr(exc, "status_code", None)
             if isinstance(status, int) and 400 <= status < 500:
-                raise PermanentError(f"Label Studio answered HTTP {status} for {kind[:-1]} {record_id}") from None
+                raise RecordUnavailable(f"Label Studio answered HTTP {status} for {kind[:-1]} {record_id}") from None
             raise
         data = record.model_dump() if hasattr(record, "model_dump") else record
         if not isinstance(data, Mapping):
-            raise PermanentError(f"Label Studio returned {type(data).__name__} for {kind[:-1]} {record_id}")
+            raise RecordUnavailable(f"Label Studio returned {type(data).__name__} for {kind[:-1]} {record_id}")
         return data
 
     def fetch_annotation(self, annotation_id: int) -> Mapping:

@@ -1,16 +1,16 @@
-"""The model class, shaped like label-studio-ml 2.x's ``LabelStudioMLBase``: ``setup()``,
-``predict(tasks, context=None, **kwargs) -> ModelResponse``, ``fit(event, data, **kwargs)``, ``get``/``set``,
-``model_version``, ``label_interface``. As upstream, one instance is built per request (cheap); everything heavy
-lives in the process-wide :class:`Runtime` (model manager, media fetcher, datastore, counters).
+"""The model class, shaped like label-studio-ml 2.x's ``LabelStudioMLBase.predict(tasks, context=None) ->
+ModelResponse``. As upstream, one instance is built per request (cheap); everything heavy lives in the process-wide
+:class:`backend.serving.app.Runtime` (model manager, media fetcher, datastore, counters). Webhook events are not
+handled here: ``/webhook`` queues them in the datastore and the correction worker turns them into samples.
 
 Data flow of ``predict``: prompts (context / task fields / labels) -> media (image at natural, EXIF-transposed size)
--> ``predictor.predict_batch`` over every (image, sentence) pair of a chunk of tasks -> brush RLE regions.
+-> ``predictor.predict_batch`` over every (image, sentence) pair of a chunk of tasks -> brush RLE regions. One bad
+task never fails the others: it gets an empty result and its reason is logged.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -18,13 +18,12 @@ from typing import Any, Optional
 import numpy as np
 
 from backend.labelstudio.brush import brush_region, textarea_region
+from backend.labelstudio.label_config import LabelingSpec, parse_label_config
 from backend.labelstudio.media import MediaError
-from backend.labelstudio.prompts import LabelingSpec, collect_prompts, is_interactive, parse_label_config
+from backend.labelstudio.prompts import collect_prompts, is_interactive
+from backend.labelstudio.protocol import project_id_of
 
 logger = logging.getLogger(__name__)
-
-TRAIN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
-                "ANNOTATION_DELETED", "START_TRAINING")
 
 
 class TaskError(Exception):
@@ -52,104 +51,59 @@ class ModelResponse:
 class SSPSAMBackend:
     """Text-prompted BrushLabels pre-annotation with SSP-SAM."""
 
-    _kv_lock = threading.Lock()
-    _kv: dict = {}                 # per-process key/value store (upstream's get/set), keyed by (project, key)
-
-    def __init__(self, runtime, project_id: Optional[str] = None, label_config: Optional[str] = None,
-                 extra_params: Optional[dict] = None):
+    def __init__(self, runtime, project_id: Optional[int] = None, label_config: Optional[str] = None):
         self.runtime = runtime
         self.project_id = project_id
         self.label_config = label_config
-        self.extra_params = extra_params or {}
-        self.setup()
-
-    # ------------------------------------------------------------------ upstream-compatible helpers
-    def setup(self) -> None:
-        """Called for every instance (as upstream). Never loads the model."""
-
-    @property
-    def model_version(self) -> str:
-        return self.runtime.manager.version
-
-    @property
-    def label_interface(self):
-        from label_studio_sdk.label_interface import LabelInterface
-        return LabelInterface(self.label_config)
-
-    def get(self, key: str):
-        with self._kv_lock:
-            return self._kv.get((str(self.project_id), key))
-
-    def set(self, key: str, value) -> None:
-        with self._kv_lock:
-            self._kv[(str(self.project_id), key)] = value
-
-    def has(self, key: str) -> bool:
-        with self._kv_lock:
-            return (str(self.project_id), key) in self._kv
-
-    # ------------------------------------------------------------------ fit
-    def fit(self, event: str, data: dict, **kwargs) -> dict:
-        """Queue the event for the background correction worker (never trains inside the request)."""
-        store = self.runtime.require_store()
-        event_id = store.enqueue_event(event, data)
-        self.runtime.metrics.inc("events_enqueued")
-        return {"event_id": event_id}
 
     # ------------------------------------------------------------------ predict
-    def predict(self, tasks: list, context: Optional[dict] = None, **kwargs) -> ModelResponse:
+    def predict(self, tasks: list, context: Optional[dict] = None) -> ModelResponse:
         spec = parse_label_config(self.label_config)
-        rt = self.runtime
-        interactive = is_interactive(context)
         try:
-            served = rt.manager.get()
+            served = self.runtime.manager.get()
         except Exception as exc:
             logger.error("model unavailable: %s: %s", type(exc).__name__, exc)
             raise ModelUnavailable(f"the model could not be loaded ({type(exc).__name__})") from None
-        version = served.version
-        n = len(tasks)
-        results: list = [None] * n
+        results: list = [None] * len(tasks)
         messages: list = []
-        batch = max(1, int(rt.config.predict_batch_size))
-        every = 1 if n <= 20 else max(1, n // 10)
-        t_start = time.perf_counter()
-        for start in range(0, n, batch):
-            chunk = list(range(start, min(n, start + batch)))
-            prepared = {}
-            for i in chunk:
-                try:
-                    prepared[i] = self._prepare(spec, tasks[i], context)
-                except TaskError as exc:
-                    results[i] = self._failed(version, tasks[i], i, n, str(exc))
-                    messages.append(str(exc))
-            preds = self._run(served.predictor, prepared)
-            for i in chunk:
-                if results[i] is not None:
-                    continue
-                task = tasks[i]
-                image, prompts = prepared[i]
-                task_preds = preds.get(i)
-                if isinstance(task_preds, Exception):
-                    results[i] = self._failed(version, task, i, n, f"prediction failed: {type(task_preds).__name__}")
-                    continue
-                try:
-                    results[i], msg = self._build(spec, task, image, prompts, task_preds, version, interactive)
-                except Exception as exc:   # a malformed prediction must not fail the batch
-                    logger.exception("task %d/%d (id %s): building the result failed", i + 1, n, _task_id(task))
-                    results[i] = self._failed(version, task, i, n, f"result building failed: {type(exc).__name__}",
-                                              logged=True)
-                    continue
-                if msg:
-                    messages.append(msg)
-                if (i + 1) % every == 0 or i + 1 == n:
-                    logger.info("predict: task %d/%d (id %s): %d region(s), %.2f s elapsed", i + 1, n,
-                                _task_id(task), sum(r["type"] == "brushlabels" for r in results[i]["result"]),
-                                time.perf_counter() - t_start)
+        batch = max(1, int(self.runtime.config.predict_batch_size))
+        progress = _Progress(len(tasks))
+        for start in range(0, len(tasks), batch):
+            chunk = range(start, min(len(tasks), start + batch))
+            self._predict_chunk(spec, served, tasks, chunk, context, results, messages, progress)
         message = None
-        if interactive and results and not results[0]["result"]:
+        if is_interactive(context) and results and not results[0]["result"]:
             message = messages[0] if messages else "no object found for this sentence"
             results[0]["message"] = message
-        return ModelResponse(predictions=results, model_version=version, message=message)
+        return ModelResponse(predictions=results, model_version=served.version, message=message)
+
+    def _predict_chunk(self, spec: LabelingSpec, served, tasks: list, chunk: range, context, results: list,
+                       messages: list, progress: "_Progress") -> None:
+        """Fill ``results[i]`` for the tasks of one chunk: prepare each, predict them together, build each."""
+        n, version = len(tasks), served.version
+        prepared = {}
+        for i in chunk:
+            try:
+                prepared[i] = self._prepare(spec, tasks[i], context)
+            except TaskError as exc:
+                results[i] = self._failed(version, tasks[i], i, n, str(exc))
+                messages.append(str(exc))
+        preds = self._run(served.predictor, prepared)
+        for i, (image, prompts) in prepared.items():
+            task_preds = preds.get(i)
+            if isinstance(task_preds, Exception):
+                results[i] = self._failed(version, tasks[i], i, n, f"prediction failed: {type(task_preds).__name__}")
+                continue
+            try:
+                results[i], msg = self._build(spec, tasks[i], image, prompts, task_preds, version)
+            except Exception as exc:   # a malformed prediction must not fail the batch
+                logger.exception("task %d/%d (id %s): building the result failed", i + 1, n, _task_id(tasks[i]))
+                results[i] = self._failed(version, tasks[i], i, n, f"result building failed: {type(exc).__name__}",
+                                          logged=True)
+                continue
+            if msg:
+                messages.append(msg)
+            progress.task_done(i, tasks[i], results[i])
 
     # ------------------------------------------------------------------ steps
     def _prepare(self, spec: LabelingSpec, task: Any, context) -> tuple:
@@ -166,11 +120,13 @@ class SSPSAMBackend:
             raise TaskError("no sentence: type one in the prompt TextArea, add a task field "
                             f"({', '.join(self.runtime.config.prompt_fields)}) or label values")
         try:
-            image = self.runtime.media.load_image(url, task_id=task.get("id"),
-                                                  project_id=self.project_id or task.get("project"))
+            image = self.runtime.media.load_image(url, task_id=task.get("id"), project_id=self._project_of(task))
         except MediaError as exc:
             raise TaskError(str(exc)) from None
         return image, prompts
+
+    def _project_of(self, task: dict) -> Optional[int]:
+        return self.project_id if self.project_id is not None else project_id_of(task.get("project"))
 
     def _run(self, predictor, prepared: dict) -> dict:
         """predict_batch over every (image, sentence) pair of the prepared tasks; on failure, per task to isolate it.
@@ -207,12 +163,12 @@ class SSPSAMBackend:
                 out[i] = exc
         return out
 
-    def _build(self, spec: LabelingSpec, task: dict, image: np.ndarray, prompts: list, preds: list, version: str,
-               interactive: bool) -> tuple:
+    def _build(self, spec: LabelingSpec, task: dict, image: np.ndarray, prompts: list, preds: list,
+               version: str) -> tuple:
         rt = self.runtime
         h, w = image.shape[:2]
         regions, scores, echoed, misses = [], [], [], []
-        project_id = _project_id(self.project_id, task)
+        project_id = self._project_of(task)
         for prompt, pred in zip(prompts, preds):
             mask = np.asarray(pred.mask).astype(bool)
             if mask.shape != (h, w):
@@ -253,10 +209,13 @@ def _task_id(task) -> Any:
     return task.get("id") if isinstance(task, dict) else None
 
 
-def _project_id(project_id, task):
-    pid = project_id if project_id not in (None, "", "None") else (task.get("project") if isinstance(task, dict)
-                                                                    else None)
-    try:
-        return int(pid) if pid is not None else None
-    except (TypeError, ValueError):
-        return pid
+class _Progress:
+    """Logs every task of a small request, about every tenth of a large one."""
+
+    def __init__(self, n: int):
+        self.n, self.every, self.t0 = n, 1 if n <= 20 else max(1, n // 10), time.perf_counter()
+
+    def task_done(self, i: int, task: Any, result: dict) -> None:
+        if (i + 1) % self.every == 0 or i + 1 == self.n:
+            logger.info("predict: task %d/%d (id %s): %d region(s), %.2f s elapsed", i + 1, self.n, _task_id(task),
+                        sum(r["type"] == "brushlabels" for r in result["result"]), time.perf_counter() - self.t0)

@@ -2,19 +2,22 @@
 
 - Nothing is loaded at import or in ``/setup``: the first prediction loads the model (or ``warm_up()`` when
   ``PRELOAD_MODEL`` is on, in the worker after the fork — never in the gunicorn master).
-- ``version`` is known without loading weights: the ``version`` of the published pointer
-  ``MODEL_DIR/versions/current.json`` when there is one, else ``<variant>-<first 8 hex of the checkpoint's SHA-256>``
+- ``version`` is known without loading weights: the published version (``MODEL_DIR/versions/current.json``, see
+  ``backend.learning.versions``) when there is one, else ``<variant>-<first 8 hex of the checkpoint's SHA-256>``
   (the packaged demo bundle when ``SSP_SAM_VARIANT=demo`` and no checkpoint is given; ``<variant>-random`` without
-  any checkpoint), the same rule as ``ssp_sam.build.load_model``. The served predictor is always labelled with the
-  version it was loaded for, so ``/setup`` and every prediction carry the same string.
-- Hot reload: at most every ``RELOAD_INTERVAL_S`` (2 s) a request stats the pointer; when its content names a new
-  version, that version is loaded in a background thread while requests keep using the old predictor, then swapped
-  in atomically. A failed load is logged and the old predictor keeps serving (retried when the pointer changes).
+  any checkpoint), the same rule as ``ssp_sam.build.load_model``. A predictor is always labelled with the version it
+  was loaded for, so ``/setup`` and every prediction carry the same string.
+- Hot reload: at most every ``RELOAD_INTERVAL_S`` a request stats the pointer. A new version becomes the *target*;
+  while a predictor is serving, the target is loaded in a background thread and swapped in atomically, requests
+  keep the old predictor meanwhile. A failed load is logged and the old predictor keeps serving (the pointer is
+  tried again when it changes).
+- Pointer checks are serialised (``_check_lock``): a check decides on the signature it read, so a slow check can
+  never apply an old observation ("no pointer") after a newer one was applied (that race once reloaded the base
+  model over a just-published version).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -22,11 +25,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from backend.learning import versions
 from ssp_sam.versioning import DEMO_CHECKPOINT, weights_version
 
 logger = logging.getLogger(__name__)
 
 PredictorFactory = Callable[[Any, Optional[str]], Any]   # (config, checkpoint path or None) -> predictor
+_UNSEEN = object()                                       # the pointer has not been looked at yet
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,9 @@ class Target:
     version: str
     checkpoint: Optional[str]
     source: str                       # "pointer" | "config" | "demo" | "random"
-    meta: Optional[dict] = None
+
+    def same(self, other: Optional["Target"]) -> bool:
+        return other is not None and (self.version, self.checkpoint) == (other.version, other.checkpoint)
 
 
 @dataclass(frozen=True)
@@ -53,9 +60,21 @@ def default_predictor_factory(config, checkpoint: Optional[str]):
 
     cfg = ModelConfig(variant=config.variant, checkpoint=checkpoint, sam_checkpoint=config.sam_checkpoint,
                       clip_checkpoint=config.clip_checkpoint, device=config.device, dtype=config.dtype)
-    loaded = load_model(cfg)
-    return SSPSAMPredictor(loaded, threshold=config.mask_threshold,
+    return SSPSAMPredictor(load_model(cfg), threshold=config.mask_threshold,
                            cache_bytes=int(config.embedding_cache_mb) * 2**20)
+
+
+def base_target(config) -> Target:
+    """The configured model (no published version)."""
+    if config.checkpoint:
+        if not os.path.exists(config.checkpoint):
+            raise FileNotFoundError(f"SSP_SAM_CHECKPOINT does not exist: {config.checkpoint}")
+        return Target(weights_version(config.variant, config.checkpoint), config.checkpoint, "config")
+    if config.variant == "demo":
+        if not DEMO_CHECKPOINT.exists():
+            raise FileNotFoundError(f"the packaged demo model is missing: {DEMO_CHECKPOINT}")
+        return Target(weights_version("demo", None), None, "demo")
+    return Target(weights_version(config.variant, None), None, "random")
 
 
 class ModelManager:
@@ -64,82 +83,25 @@ class ModelManager:
         self.config = config
         self._factory = predictor_factory or default_predictor_factory
         self._clock = clock
-        self._state_lock = threading.Lock()       # guards _served, _target, _pointer_sig, _bg
+        self._lock = threading.Lock()             # guards _target, _served, _bg, _last_check
+        self._check_lock = threading.Lock()       # one pointer check at a time (see the module doc)
         self._load_lock = threading.Lock()        # one load at a time per process
-        self._served: Optional[Served] = None
         self._target: Optional[Target] = None
-        self._pointer_sig = None
+        self._served: Optional[Served] = None
+        self._pointer_sig: Any = _UNSEEN
         self._last_check = float("-inf")
         self._bg: Optional[threading.Thread] = None
-        self._failed_versions: set = set()
         self.last_error: Optional[str] = None
         self.reloads = 0
         self.load_seconds: Optional[float] = None
-
-    # ------------------------------------------------------------------ targets
-    def _base_target(self) -> Target:
-        cfg = self.config
-        ckpt = cfg.checkpoint
-        if ckpt:
-            if not os.path.exists(ckpt):
-                raise FileNotFoundError(f"SSP_SAM_CHECKPOINT does not exist: {ckpt}")
-            return Target(weights_version(cfg.variant, ckpt), ckpt, "config")
-        if cfg.variant == "demo":
-            if DEMO_CHECKPOINT.exists():
-                return Target(weights_version("demo", None), None, "demo")
-            return Target("demo-missing", None, "demo")
-        return Target(weights_version(cfg.variant, None), None, "random")
-
-    def _pointer_signature(self):
-        try:
-            st = os.stat(self.config.version_pointer)
-        except FileNotFoundError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-    def _read_pointer(self) -> Optional[Target]:
-        path = self.config.version_pointer
-        try:
-            with open(path, "r", encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            logger.warning("ignoring unreadable version pointer %s: %s", path, exc)
-            return None
-        if not isinstance(data, dict) or not data.get("version") or not data.get("path"):
-            logger.warning("ignoring version pointer %s without 'version' and 'path'", path)
-            return None
-        ckpt = str(data["path"])
-        if not os.path.isabs(ckpt):
-            for base in (os.path.dirname(path), self.config.model_dir, os.getcwd()):
-                cand = os.path.join(base, ckpt)
-                if os.path.exists(cand):
-                    ckpt = cand
-                    break
-        if not os.path.exists(ckpt):
-            logger.warning("version pointer %s names a missing checkpoint %s; ignored", path, ckpt)
-            return None
-        return Target(str(data["version"]), os.path.abspath(ckpt), "pointer", meta=data)
-
-    def _resolve_target(self) -> Target:
-        return self._read_pointer() or self._base_target()
 
     # ------------------------------------------------------------------ public API
     @property
     def version(self) -> str:
         """The ``model_version`` to report now (cheap: never loads weights)."""
         self.check_for_update()
-        with self._state_lock:
-            if self._served is not None:
-                return self._served.version
-            if self._target is not None:
-                return self._target.version
-        target = self._resolve_target()
-        with self._state_lock:
-            if self._target is None:
-                self._target = target
-            return self._served.version if self._served is not None else self._target.version
+        served = self._served
+        return served.version if served is not None else self._current_target().version
 
     @property
     def loaded(self) -> bool:
@@ -160,18 +122,12 @@ class ModelManager:
         with self._load_lock:
             if self._served is not None:
                 return self._served
-            with self._state_lock:
-                target = self._target
-            if target is None:
-                target = self._resolve_target()
-            try:
-                served = self._load(target)
-            except Exception as exc:
-                self.last_error = f"loading {target.version} failed: {type(exc).__name__}: {exc}"
-                raise
-            with self._state_lock:
+            served = self._load(self._current_target())
+            with self._lock:
                 self._served = served
-                self._target = served.target
+                newer = not served.target.same(self._target)
+            if newer:                 # a version was published while this one loaded: swap it in next
+                self._start_reload()
             return served
 
     def warm_up(self, background: bool = True) -> None:
@@ -186,89 +142,99 @@ class ModelManager:
         except Exception:
             logger.exception("model warm-up failed")
 
+    # ------------------------------------------------------------------ targets
+    def _current_target(self) -> Target:
+        with self._lock:
+            if self._target is None:
+                self._target = base_target(self.config)
+            return self._target
+
+    def check_for_update(self, force: bool = False) -> bool:
+        """Stat the pointer (at most every RELOAD_INTERVAL_S); adopt the version it names as the target, and start a
+        background reload when a predictor is serving. Returns True when the target changed."""
+        now = self._clock()
+        with self._lock:
+            if not force and now - self._last_check < self.config.reload_interval_s:
+                return False
+            self._last_check = now
+        with self._check_lock:
+            sig = versions.pointer_signature(self.config.model_dir)
+            if sig == self._pointer_sig:
+                return False
+            self._pointer_sig = sig
+            target = self._pointer_target(sig)
+            if target is None:
+                return False
+            with self._lock:
+                if target.same(self._target):
+                    return False
+                self._target = target
+                serving = self._served is not None
+            logger.info("model version %s is now the target%s", target.version,
+                        "; loading it in the background" if serving else "; it loads on first use")
+        if serving:
+            self._start_reload()
+        return True
+
+    def _pointer_target(self, sig) -> Optional[Target]:
+        """The target the pointer asks for: its version, or the configured model when there is no pointer; None
+        when the pointer is unusable (then whatever is served stays)."""
+        if sig is None:
+            try:
+                return base_target(self.config)
+            except Exception as exc:
+                self.last_error = f"the configured model is unusable: {exc}"
+                logger.error("%s", self.last_error)
+                return None
+        published = versions.read_current(self.config.model_dir)
+        return Target(published.version, published.path, "pointer") if published is not None else None
+
+    # ------------------------------------------------------------------ loading
     def _load(self, target: Target) -> Served:
         t0 = time.perf_counter()
         logger.info("loading model version %s (%s%s)", target.version, target.source,
                     f": {target.checkpoint}" if target.checkpoint else "")
-        predictor = self._factory(self.config, target.checkpoint)
+        try:
+            predictor = self._factory(self.config, target.checkpoint)
+        except Exception as exc:
+            self.last_error = f"loading {target.version} failed: {type(exc).__name__}: {exc}"
+            raise
         self.load_seconds = time.perf_counter() - t0
-        loaded_version = getattr(predictor, "version", None)
-        if loaded_version and loaded_version != target.version and target.source != "pointer":
-            logger.warning("the model reports version %s; serving it as %s (the version /setup announced)",
-                           loaded_version, target.version)
         logger.info("model version %s loaded in %.1f s (pid %d)", target.version, self.load_seconds, os.getpid())
         self.last_error = None
         return Served(predictor=predictor, version=target.version, target=target, loaded_at=time.time())
 
-    # ------------------------------------------------------------------ hot reload
-    def check_for_update(self, force: bool = False) -> bool:
-        """Stat the pointer (at most every RELOAD_INTERVAL_S); start a background reload when it names a new version.
-        Returns True when a new target was adopted."""
-        now = self._clock()
-        with self._state_lock:
-            if not force and now - self._last_check < self.config.reload_interval_s:
-                return False
-            self._last_check = now
-        sig = self._pointer_signature()
-        with self._state_lock:
-            if sig == self._pointer_sig:
-                return False
-            self._pointer_sig = sig
-        target = self._read_pointer() if sig is not None else None
-        if target is None:
-            if sig is None and self._target is not None and self._target.source == "pointer":
-                # pointer removed: go back to the configured model
-                try:
-                    target = self._base_target()
-                except Exception as exc:
-                    logger.error("pointer removed and the configured model is unusable: %s", exc)
-                    return False
-            else:
-                return False
-        with self._state_lock:
-            current = self._served.target if self._served is not None else self._target
-            if current is not None and current.version == target.version and current.checkpoint == target.checkpoint:
-                return False
-            if self._served is None:
-                # nothing loaded yet: the next get() loads the new target directly
-                self._target = target
-                logger.info("new model version %s published; it will be loaded on first use", target.version)
-                return True
-            if self._bg is not None:          # a reload is running: it picks this one up when done
-                self._pending = target
-                return True
-            self._target = target
-            self._bg = threading.Thread(target=self._background_reload, args=(target,), name="ssp-sam-reload",
-                                        daemon=True)
+    def _start_reload(self) -> None:
+        with self._lock:
+            if self._bg is not None:          # a reload is running: it picks up the newest target when done
+                return
+            self._bg = threading.Thread(target=self._reload_loop, name="ssp-sam-reload", daemon=True)
             self._bg.start()
-        return True
 
-    _pending: Optional[Target] = None
-
-    def _background_reload(self, target: Target) -> None:
-        while target is not None:
+    def _reload_loop(self) -> None:
+        """Load the target until what is served is the target (it may change while a load runs)."""
+        while True:
+            with self._lock:
+                target, served = self._target, self._served
+                if target is None or served is None or target.same(served.target):
+                    self._bg = None
+                    return
             try:
                 with self._load_lock:
-                    served = self._load(target)
-                with self._state_lock:
-                    old = self._served
-                    self._served = served
-                    self.reloads += 1
-                logger.info("hot reload: now serving %s (was %s)", served.version, old.version if old else None)
-            except Exception as exc:
-                self.last_error = f"loading {target.version} failed: {type(exc).__name__}: {exc}"
-                logger.exception("hot reload of %s failed; still serving %s", target.version,
-                                 self._served.version if self._served else None)
-                with self._state_lock:
-                    if self._served is not None:
-                        self._target = self._served.target
-            with self._state_lock:
-                target, self._pending = self._pending, None
-                if target is None:
-                    self._bg = None
+                    fresh = self._load(target)
+            except Exception:
+                logger.exception("hot reload of %s failed; still serving %s", target.version, served.version)
+                with self._lock:
+                    if self._target is target:  # give up on this target until the pointer changes again
+                        self._target = served.target
+                continue
+            with self._lock:
+                self._served = fresh
+                self.reloads += 1
+            logger.info("hot reload: now serving %s (was %s)", fresh.version, served.version)
 
     def wait_for_reload(self, timeout: float = 30.0) -> bool:
-        """Test helper: wait until no background reload is running."""
+        """Wait until no background reload is running (tests, the trainer's smoke checks)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             bg = self._bg
@@ -277,52 +243,35 @@ class ModelManager:
             bg.join(max(0.0, deadline - time.monotonic()))
         return self._bg is None
 
+    # ------------------------------------------------------------------ reporting
     def info(self) -> dict:
         served = self._served
-        out = {
-            "pid": os.getpid(),
-            "model_version": self.version,
-            "model_loaded": served is not None,
-            "loading": self.loading,
-            "reloads": self.reloads,
-            "load_seconds": self.load_seconds,
-            "last_error": self.last_error,
-        }
+        out = {"pid": os.getpid(), "model_version": self.version, "model_loaded": served is not None,
+               "loading": self.loading, "reloads": self.reloads, "load_seconds": self.load_seconds,
+               "last_error": self.last_error}
         if served is not None:
             out["source"] = served.target.source
-            pred = served.predictor
-            for attr in ("device",):
-                value = getattr(pred, attr, None) or getattr(getattr(pred, "loaded", None), attr, None)
-                if value is not None:
-                    out[attr] = str(value)
+            device = getattr(served.predictor, "device", None)
+            if device is not None:
+                out["device"] = str(device)
         return out
 
     def cache_stats(self) -> Optional[dict]:
-        """Embedding-cache statistics of the served predictor, if it exposes them."""
+        """Embedding-cache statistics of the served predictor, with a hit rate next to every hits/misses pair."""
         served = self._served
-        if served is None:
+        stats = getattr(served.predictor, "cache_stats", None) if served is not None else None
+        if not callable(stats):
             return None
-        pred = served.predictor
-        for name in ("cache_stats", "cache_info", "stats"):
-            fn = getattr(pred, name, None)
-            if callable(fn):
-                try:
-                    value = fn()
-                    return _with_hit_rates(dict(value)) if isinstance(value, dict) else {"info": str(value)}
-                except Exception:
-                    return None
-        return None
+        try:
+            return _with_hit_rates(dict(stats()))
+        except Exception:
+            logger.exception("cache_stats failed")
+            return None
 
 
 def _with_hit_rates(stats: dict) -> dict:
-    """Add ``hit_rate`` next to every ``hits``/``misses`` pair (nested dicts included)."""
-    out = {}
-    for k, v in stats.items():
-        out[k] = _with_hit_rates(v) if isinstance(v, dict) else v
+    out = {k: _with_hit_rates(v) if isinstance(v, dict) else v for k, v in stats.items()}
     if "hits" in out and "misses" in out and "hit_rate" not in out:
-        try:
-            total = out["hits"] + out["misses"]
-            out["hit_rate"] = out["hits"] / total if total else None
-        except TypeError:
-            pass
+        total = out["hits"] + out["misses"]
+        out["hit_rate"] = out["hits"] / total if total else None
     return out

@@ -3,33 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backend.labelstudio.brush import brush_region, mask_to_rle, redact_rle, rle_to_mask, textarea_region
-
-
-@pytest.mark.parametrize("h,w", [(1, 1), (48, 64), (97, 131)])
-def test_rle_round_trip(h, w):
-    rng = np.random.default_rng(h * w)
-    m = rng.random((h, w)) > 0.6
-    for variant in (m, m.astype(np.uint8), m.astype(np.uint8) * 255):
-        rle = mask_to_rle(variant)
-        assert all(isinstance(x, int) and 0 <= x <= 255 for x in rle)
-        assert np.array_equal(rle_to_mask(rle, h, w), m)
-
-
-def test_rle_alpha_is_255():
-    from label_studio_sdk.converter.brush import decode_rle
-    m = np.zeros((4, 5), bool)
-    m[1:3, 1:4] = True
-    flat = decode_rle(mask_to_rle(m)).reshape(4, 5, 4)
-    assert set(np.unique(flat[..., 3])) == {0, 255}
-
-
-def test_rle_wrong_size_is_rejected():
-    rle = mask_to_rle(np.ones((4, 4), bool))
-    with pytest.raises(ValueError):
-        rle_to_mask(rle, 4, 5)
-    with pytest.raises(ValueError):
-        mask_to_rle(np.ones((2, 2, 2)))
+from backend.labelstudio.brush import brush_region, redact_rle, region_mask, textarea_region
 
 
 def test_regions_and_redaction():
@@ -42,3 +16,16 @@ def test_regions_and_redaction():
     assert t["value"] == {"text": ["a b"]} and t["id"] != r["id"]
     red = redact_rle({"results": [{"result": [r, t]}]})
     assert red["results"][0]["result"][0]["value"]["rle"].startswith("<rle ")
+
+
+def test_region_mask_reads_a_submitted_region():
+    m = np.zeros((6, 8), bool)
+    m[1:4, 2:7] = True
+    value = brush_region(m, from_name="tag", to_name="image", label="object", score=1.0)["value"]
+    assert np.array_equal(region_mask(value, 8, 6), m)
+    with pytest.raises(ValueError, match="expected 9x6x4"):
+        region_mask(value, 9, 6)
+    with pytest.raises(ValueError, match="unsupported brush format"):
+        region_mask({**value, "format": "png"}, 8, 6)
+    with pytest.raises(ValueError, match="non-empty list"):
+        region_mask({"format": "rle"}, 8, 6)

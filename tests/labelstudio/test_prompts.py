@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from backend.labelstudio.prompts import (LabelConfigError, collect_prompts, context_sentences, label_for_sentence,
-                             parse_label_config)
+from backend.labelstudio.label_config import LabelConfigError, parse_label_config
+from backend.labelstudio.prompts import collect_prompts, context_sentences, label_for_sentence, region_sentence
 from tests.fakes import LABEL_CONFIG
 
 
@@ -12,6 +13,14 @@ def test_parse_recommended_config():
     assert (spec.image_name, spec.image_value_key, spec.brush_name, spec.prompt_name) == ("image", "image", "tag",
                                                                                           "prompt")
     assert spec.labels == ("object", "circle")
+    assert spec.images == (("image", "image"),) and spec.image_data_key("image") == "image"
+
+
+def test_image_of_a_region_is_found_by_to_name():
+    cfg = ('<View><Image name="left" value="$a"/><Image name="right" value="$b"/><BrushLabels name="m" toName="right">'
+           '<Label value="x"/></BrushLabels></View>')
+    spec = parse_label_config(cfg)
+    assert spec.image_value_key == "b" and spec.image_data_key("left") == "a" and spec.image_data_key(None) == "b"
 
 
 def test_textarea_for_another_object_is_not_the_prompt():
@@ -62,3 +71,21 @@ def test_sources_in_order():
         ("object", "object", "label"), ("circle", "circle", "label")]
     assert [p.sentence for p in collect_prompts(spec, {"data": {"image": "x", "sentence": "s"}}, None,
                                                 fields=("sentence",))] == ["s"]
+
+
+def test_sentence_of_a_submitted_region():
+    from tests.payloads import brush_result, textarea_result
+
+    mask = np.zeros((4, 5), bool)
+    brush, other = brush_result(mask, "r1"), brush_result(mask, "r2")
+    task = {"id": 1, "data": {"image": "x", "text": "from   task"}}
+    per_region = textarea_result("per region", "r1")           # the region's own TextArea (same id) wins
+    assert region_sentence(brush, [brush, per_region, textarea_result("global", "g")], task) == (
+        "per region", "region-textarea")
+    child = textarea_result("child", "c1", parent_id="r1")      # linked by parentID
+    assert region_sentence(brush, [brush, child], task)[0] == "child"
+    # the annotation's TextArea, but not another region's
+    assert region_sentence(brush, [brush, other, textarea_result("r2's", "r2"), textarea_result("glob", "g")],
+                           task) == ("glob", "textarea")
+    assert region_sentence(brush, [brush], task) == ("from task", "task.data.text")
+    assert region_sentence(brush, [brush], {"data": {"image": "x"}}) == (None, None)

@@ -3,8 +3,7 @@
 import pytest
 from label_studio_sdk.core.api_error import ApiError
 
-from backend.learning.corrections import PermanentError
-from backend.labelstudio.records import LabelStudioRecords
+from backend.labelstudio.records import LabelStudioRecords, RecordUnavailable
 
 
 class _Media:
@@ -52,13 +51,13 @@ def test_fetches_records_with_the_sdk_types_and_one_client_per_connection():
 
 def test_without_a_connection_the_event_fails_with_a_clear_message():
     records = LabelStudioRecords(_Media(host=None, token=None), client_factory=lambda h, t: _Client())
-    with pytest.raises(PermanentError, match="LABEL_STUDIO_URL"):
+    with pytest.raises(RecordUnavailable, match="LABEL_STUDIO_URL"):
         records.fetch_annotation(7)
 
 
 def test_client_errors_are_permanent_and_server_errors_are_retried():
     gone = LabelStudioRecords(_Media(), client_factory=lambda h, t: _Client(ApiError(status_code=404, body="x")))
-    with pytest.raises(PermanentError, match="404"):
+    with pytest.raises(RecordUnavailable, match="404"):
         gone.fetch_annotation(7)
     busy = LabelStudioRecords(_Media(), client_factory=lambda h, t: _Client(ApiError(status_code=503, body="x")))
     with pytest.raises(ApiError):

@@ -12,10 +12,10 @@ import pytest
 import requests
 from PIL import Image
 
-from backend.learning.corrections import (CorrectionWorker, RegionRejected, decode_region_mask, image_url,
-                                         parent_model_version, resolve_sentence, wait_until_idle)
+from backend.learning.corrections import CorrectionWorker, WorkerConfig, image_url, parent_model_version
 from backend.learning.datastore import open_datastore
-from tests.payloads import annotation_event, brush_result, textarea_result
+from tests.fakes import wait_until_idle
+from tests.payloads import annotation_event, brush_result
 
 LS = "http://ls.test"
 W, H = 40, 30
@@ -63,7 +63,7 @@ def media(requests_mock):
 
 @pytest.fixture
 def worker(store, media):
-    return CorrectionWorker(store, Fetcher(), {"backoff_base_s": 0.0, "max_attempts": 3})
+    return CorrectionWorker(store, Fetcher(), WorkerConfig(backoff_base_s=0.0, max_attempts=3))
 
 
 def _ev(action="ANNOTATION_CREATED", aid=1, tid=10, sentence="the red square", mask=None, **kw):
@@ -81,43 +81,15 @@ def _send(store, worker, payload):
 # parsing helpers
 # ---------------------------------------------------------------------------------------------------------------------
 
-def test_decode_region_mask_checks_dimensions():
-    m = _mask()
-    r = brush_result(m, "r1")
-    assert np.array_equal(decode_region_mask(r["value"], W, H), m)
-    with pytest.raises(RegionRejected, match="expected"):
-        decode_region_mask(r["value"], W + 1, H)
-    with pytest.raises(RegionRejected):
-        decode_region_mask({"format": "rle", "rle": [300]}, W, H)
-    with pytest.raises(RegionRejected):
-        decode_region_mask({"format": "rle"}, W, H)
-
-
-def test_sentence_resolution_order():
-    brush = brush_result(_mask(), "r1")
-    other = brush_result(_mask(), "r2")
-    task = {"id": 1, "data": {"image": "x", "text": "from task"}}
-    # per-region TextArea (same id) wins
-    per_region = textarea_result("per region", "r1")
-    assert resolve_sentence(brush, [brush, per_region, textarea_result("global", "g")], task) == (
-        "per region", "region-textarea")
-    # parentID link
-    child = textarea_result("child", "c1", parent_id="r1")
-    assert resolve_sentence(brush, [brush, child], task)[0] == "child"
-    # task-level TextArea, but not another region's
-    assert resolve_sentence(brush, [brush, other, textarea_result("r2's", "r2"), textarea_result("glob", "g")],
-                            task) == ("glob", "textarea")
-    # task data field
-    assert resolve_sentence(brush, [brush], task) == ("from task", "task.data.text")
-    assert resolve_sentence(brush, [brush], {"data": {"image": "x"}}) == (None, None)
-
-
 def test_image_url_from_label_config():
-    cfg = '<View><Image name="img2" value="$photo"/><Image name="image" value="$pic"/></View>'
+    cfg = ('<View><Image name="img2" value="$photo"/><Image name="image" value="$pic"/>'
+           '<BrushLabels name="tag" toName="image"><Label value="x"/></BrushLabels></View>')
     task = {"data": {"photo": "/data/upload/1/p.png", "pic": "/data/upload/1/q.png"}}
-    assert image_url(task, "image", cfg) == "/data/upload/1/q.png"
-    assert image_url(task, None, cfg) == "/data/upload/1/p.png"
+    assert image_url(task, "img2", cfg) == "/data/upload/1/p.png"
+    assert image_url(task, None, cfg) == "/data/upload/1/q.png"          # the brush control's image
+    assert image_url(task, None, "<View>not a brush config") == "/data/upload/1/p.png"   # first URL-like value
     assert image_url({"data": {"whatever": "s3://bucket/k.jpg"}}) == "s3://bucket/k.jpg"
+    assert image_url({"data": {"text": "a red car"}}) is None
 
 
 def test_parent_model_version_sources():
@@ -185,16 +157,16 @@ def test_bulk_created_with_bodies_and_with_ids(store, media):
     b["task"]["data"]["image"] = "/data/upload/1/b.png"
     bodies = {"action": "ANNOTATIONS_CREATED", "annotation": [a["annotation"], b["annotation"]],
               "task": [a["task"], b["task"]], "project": a["project"]}
-    w = CorrectionWorker(store, Fetcher(), {"backoff_base_s": 0})
+    w = CorrectionWorker(store, Fetcher(), WorkerConfig(backoff_base_s=0))
     assert _send(store, w, bodies)["status"] == "done"
     assert sorted(s["annotation_id"] for s in store.list_samples()) == [21, 22]
 
     # ids only: the worker fetches bodies and tasks (through the SDK in production)
     c = _ev(aid=23, tid=33)
     fetched = []
-    w2 = CorrectionWorker(store, Fetcher(), {
-        "fetch_annotation": lambda i: (fetched.append(i), c["annotation"])[1],
-        "fetch_task": lambda i: c["task"]})
+    w2 = CorrectionWorker(store, Fetcher(), WorkerConfig(
+        fetch_annotation=lambda i: (fetched.append(i), c["annotation"])[1],
+        fetch_task=lambda i: c["task"]))
     ids = {"action": "ANNOTATIONS_CREATED", "annotations": [23], "project": {"id": 1}}
     assert _send(store, w2, ids)["status"] == "done" and fetched == [23]
     assert 23 in {s["annotation_id"] for s in store.list_samples()}
@@ -303,10 +275,10 @@ def test_annotation_without_regions_is_a_no_target_sample(store, worker):
 
 
 def test_annotation_without_regions_or_sentence_adds_nothing(store, media):
-    w = CorrectionWorker(store, Fetcher(), {"backoff_base_s": 0.0})
+    w = CorrectionWorker(store, Fetcher(), WorkerConfig(backoff_base_s=0.0))
     _send(store, w, annotation_event("ANNOTATION_CREATED", 82, 12, 1, "/data/upload/1/a.png", None, None))
     assert store.list_samples() == []
-    off = CorrectionWorker(store, Fetcher(), {"backoff_base_s": 0.0, "empty_annotation_is_no_target": False})
+    off = CorrectionWorker(store, Fetcher(), WorkerConfig(backoff_base_s=0.0, empty_annotation_is_no_target=False))
     _send(store, off, annotation_event("ANNOTATION_CREATED", 83, 13, 1, "/data/upload/1/a.png", "a star", None))
     assert store.list_samples() == []
 
@@ -326,7 +298,7 @@ def test_missing_origin_is_inferred_from_the_prediction(store, worker):
 def test_unreachable_image_is_retried_then_succeeds(store, requests_mock):
     requests_mock.get(f"{LS}/data/upload/1/a.png", [{"status_code": 503}, {"exc": requests.ConnectionError},
                                                     {"content": _png()}])
-    w = CorrectionWorker(store, Fetcher(), {"backoff_base_s": 0.0, "max_attempts": 5})
+    w = CorrectionWorker(store, Fetcher(), WorkerConfig(backoff_base_s=0.0, max_attempts=5))
     eid = store.enqueue_event("ANNOTATION_CREATED", _ev(aid=80))
     w.process_pending()
     ev = store.get_event(eid)
@@ -339,7 +311,7 @@ def test_unreachable_image_is_retried_then_succeeds(store, requests_mock):
 
 def test_backoff_delays_the_retry(store, requests_mock):
     requests_mock.get(f"{LS}/data/upload/1/a.png", status_code=404)
-    w = CorrectionWorker(store, Fetcher(), {"backoff_base_s": 60.0, "max_attempts": 5})
+    w = CorrectionWorker(store, Fetcher(), WorkerConfig(backoff_base_s=60.0, max_attempts=5))
     eid = store.enqueue_event("ANNOTATION_CREATED", _ev(aid=81))
     w.process_pending()
     ev = store.get_event(eid)
@@ -349,7 +321,7 @@ def test_backoff_delays_the_retry(store, requests_mock):
 
 def test_poison_event_is_marked_failed_after_n_tries(store, requests_mock):
     requests_mock.get(f"{LS}/data/upload/1/a.png", status_code=500)
-    w = CorrectionWorker(store, Fetcher(), {"backoff_base_s": 0.0, "max_attempts": 3})
+    w = CorrectionWorker(store, Fetcher(), WorkerConfig(backoff_base_s=0.0, max_attempts=3))
     eid = store.enqueue_event("ANNOTATION_CREATED", _ev(aid=82))
     for _ in range(5):
         w.process_pending()
@@ -365,7 +337,7 @@ def test_poison_event_is_marked_failed_after_n_tries(store, requests_mock):
 
 
 def test_background_thread_drains_the_inbox(store, media):
-    w = CorrectionWorker(store, Fetcher(), {"poll_interval_s": 0.05}).start()
+    w = CorrectionWorker(store, Fetcher(), WorkerConfig(poll_interval_s=0.05)).start()
     try:
         for i in range(5):
             store.enqueue_event("ANNOTATION_CREATED", _ev(aid=90 + i, tid=190 + i))
@@ -388,7 +360,7 @@ def test_worker_end_to_end_on_postgres(tmp_path, media):
     except Exception as exc:  # pragma: no cover
         pytest.skip(f"PostgreSQL not reachable: {exc}")
     try:
-        w = CorrectionWorker(s, Fetcher(), {"backoff_base_s": 0})
+        w = CorrectionWorker(s, Fetcher(), WorkerConfig(backoff_base_s=0))
         s.record_prediction(1, 10, "the red square", "demo-1", _mask(), 0.9)
         _send(s, w, _ev(aid=1, origin="prediction"))
         _send(s, w, _ev("ANNOTATION_UPDATED", aid=1, origin="prediction-changed", mask=_mask(0, 0, 20, 15),
@@ -410,7 +382,7 @@ def test_two_workers_share_the_inbox_without_double_processing(tmp_path, media):
     s2 = open_datastore(None, tmp_path)
     for i in range(20):
         s1.enqueue_event("ANNOTATION_CREATED", _ev(aid=300 + i, tid=400 + i))
-    workers = [CorrectionWorker(s, Fetcher(), {"batch_size": 3}) for s in (s1, s2)]
+    workers = [CorrectionWorker(s, Fetcher(), WorkerConfig(batch_size=3)) for s in (s1, s2)]
     ts = [threading.Thread(target=w.drain) for w in workers]
     for t in ts:
         t.start()

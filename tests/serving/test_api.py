@@ -8,7 +8,8 @@ import logging
 import numpy as np
 import pytest
 
-from backend.labelstudio.brush import rle_to_mask
+from backend.learning import versions
+from ssp_sam.data.masks import brush_rle_to_mask
 from tests.fakes import LABEL_CONFIG, LS_URL, FakePredictor, png_bytes, task
 
 WEBHOOK_ACTIONS = ["ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
@@ -86,7 +87,7 @@ def test_predict_batch_shapes_and_rle(client, ls_media, store):
         assert (b["from_name"], b["to_name"]) == ("tag", "image")
         assert (b["original_width"], b["original_height"], b["image_rotation"]) == (w, h, 0)
         assert b["value"]["format"] == "rle" and all(0 <= x <= 255 for x in b["value"]["rle"])
-        mask = rle_to_mask(b["value"]["rle"], h, w)
+        mask = brush_rle_to_mask(b["value"]["rle"], h, w)
         assert mask.shape == (h, w) and mask.any()
         assert text[0]["from_name"] == "prompt" and text[0]["to_name"] == "image"
     # label from the sentence: "circle" is a label value; else the first label
@@ -94,7 +95,7 @@ def test_predict_batch_shapes_and_rle(client, ls_media, store):
     assert body["results"][1]["result"][0]["value"]["brushlabels"] == ["object"]
     assert body["results"][0]["result"][1]["value"]["text"] == ["the red circle"]
     # left-half mask for the 'left' sentence: exact pixels survive the RLE round trip
-    m = rle_to_mask(body["results"][1]["result"][0]["value"]["rle"], 20, 30)
+    m = brush_rle_to_mask(body["results"][1]["result"][0]["value"]["rle"], 20, 30)
     assert m[:, :15].all() and not m[:, 15:].any()
     # every region was recorded for the corrections statistics
     assert [(p["task_id"], p["sentence"], p["model_version"]) for p in store.predictions] == [
@@ -285,7 +286,7 @@ def test_exif_rotated_jpeg_gives_masks_at_natural_size(client, ls_media):
     res = client.post("/predict", json=predict_body([task(1, img, "thing on the left")])).get_json()
     b = res["results"][0]["result"][0]
     assert (b["original_width"], b["original_height"]) == (48, 64)
-    m = rle_to_mask(b["value"]["rle"], 64, 48)
+    m = brush_rle_to_mask(b["value"]["rle"], 64, 48)
     assert m[:, :24].all() and not m[:, 24:].any()
 
 
@@ -366,7 +367,8 @@ def test_metrics_merge_store_stats_and_serving(client, ls_media):
     assert m[v] == {"predictions": 2}                    # store.version_stats() merged at the top level
     s = m["serving"]
     assert s["requests"]["/predict"] == 2 and s["requests"]["/webhook"] == 1
-    assert s["latency"]["/predict"]["count"] == 2 and s["latency"]["/predict"]["p95_s"] >= 0
+    lat = s["latency"]["/predict"]
+    assert lat["count"] == 2 and 0 < lat["p50_s"] <= lat["p95_s"] <= lat["max_s"]
     assert s["counters"]["tasks"] == 2 and s["counters"]["regions"] == 2
     assert s["media_cache"]["hits"] == 1 and s["media_cache"]["misses"] == 1 and s["media_cache"]["hit_rate"] == 0.5
     assert s["embedding_cache"]["hit_rate"] == pytest.approx(1 / 3)
@@ -376,9 +378,12 @@ def test_metrics_merge_store_stats_and_serving(client, ls_media):
 
 def test_versions_lists_published(client, app):
     cfg = app.extensions["ssp_sam"].config
-    import os
-    os.makedirs(os.path.join(cfg.versions_dir, "ft-001"))
+    bundle = versions.bundle_path(cfg.model_dir, "ft-001")
+    bundle.parent.mkdir(parents=True)
+    bundle.write_bytes(b"weights")
+    versions.bundle_path(cfg.model_dir, "no-bundle").parent.mkdir()     # a folder without a bundle is not listed
     body = client.get("/versions").get_json()
+    assert "no-bundle" not in body["versions"]
     assert "ft-001" in body["versions"] and body["model_version"] in body["versions"]
 
 
@@ -441,3 +446,15 @@ def test_datastore_open_failure_is_retried_with_backoff(make_app, monkeypatch):
     assert len(calls) == 1
     monkeypatch.setattr(app_mod, "STORE_RETRY_S", 0.0)
     assert c.post("/webhook", json=webhook_payload("START_TRAINING")).status_code == 201
+
+
+def test_latency_percentiles_of_the_serving_metrics():
+    from backend.serving.metrics import ServingMetrics
+
+    m = ServingMetrics(window=10)
+    for k in range(1, 21):                                   # only the last 10 stay in the window: 1.1 .. 2.0
+        m.observe_request("/predict", 200 if k % 5 else 500, k / 10)
+    lat = m.snapshot()["latency"]["/predict"]
+    assert (lat["count"], lat["p50_s"], lat["p95_s"], lat["max_s"]) == (20, 1.5, 2.0, 2.0)
+    assert lat["mean_s"] == pytest.approx(1.05)
+    assert m.snapshot()["errors"] == {"/predict": 4} and m.snapshot()["status_codes"] == {"200": 16, "500": 4}

@@ -21,7 +21,6 @@ def test_defaults():
     assert c.prompt_fields == ("text", "prompt", "caption", "expression")
     assert (c.port, c.workers, c.threads, c.mask_threshold, c.embedding_cache_mb) == (9090, 1, 4, 0.0, 512)
     assert c.label_studio_url is None and not c.basic_auth_enabled
-    assert c.version_pointer.endswith(os.path.join("versions", "current.json"))
 
 
 def test_parsing_and_fallbacks():

@@ -9,22 +9,19 @@ import time
 
 import pytest
 
+from backend.learning import versions
 from backend.serving.model_manager import ModelManager
 from ssp_sam.versioning import file_digest
 from tests.fakes import LABEL_CONFIG, FakePredictor, make_config, png_bytes, task
 
 
-def publish(cfg, version, content=b"weights", tmpname=None):
-    vdir = os.path.join(cfg.versions_dir, version)
-    os.makedirs(vdir, exist_ok=True)
-    path = os.path.join(vdir, "model.pt")
-    with open(path, "wb") as f:
-        f.write(content + version.encode())
-    tmp = cfg.version_pointer + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"version": version, "path": path, "created_at": time.time(), "metrics": {}}, f)
-    os.replace(tmp, cfg.version_pointer)
-    return path
+def publish(cfg, version, content=b"weights"):
+    """Write a (fake) bundle for ``version`` and point current.json at it, as the trainer does."""
+    path = versions.bundle_path(cfg.model_dir, version)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content + version.encode())
+    versions.publish(cfg.model_dir, version, {"metrics": {}})
+    return str(path.resolve())
 
 
 class Factory:
@@ -41,7 +38,11 @@ class Factory:
             assert self.gate.wait(10)
         if ckpt and any(f in ckpt for f in self.fail):
             raise RuntimeError("corrupt checkpoint")
-        return FakePredictor(version=os.path.basename(os.path.dirname(ckpt)) if ckpt else "base")
+        version = os.path.basename(os.path.dirname(ckpt)) if ckpt else "base"
+        return FakePredictor(version=version, score=SCORES.get(version, 0.9))
+
+
+SCORES = {"base": 0.25, "ft-006": 0.75}   # which predictor answered a request shows in its regions' scores
 
 
 def test_version_from_checkpoint_hash_without_loading(tmp_path):
@@ -135,12 +136,11 @@ def test_unusable_pointer_is_ignored(tmp_path):
     cfg = make_config(tmp_path)
     m = ModelManager(cfg, predictor_factory=Factory())
     v0 = m.version
-    os.makedirs(cfg.versions_dir, exist_ok=True)
-    with open(cfg.version_pointer, "w") as f:
-        f.write("{not json")
+    pointer = versions.pointer_path(cfg.model_dir)
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    pointer.write_text("{not json")
     assert m.version == v0
-    with open(cfg.version_pointer, "w") as f:
-        json.dump({"version": "ft-x", "path": str(tmp_path / "missing.pt")}, f)
+    pointer.write_text(json.dumps({"version": "ft-x", "path": str(tmp_path / "missing.pt")}))
     assert m.version == v0
 
 
@@ -154,18 +154,48 @@ def test_app_reports_new_version_after_publish(make_app, ls_media, tmp_path):
     v0 = c.post("/setup", json={"project": "1.1"}).get_json()["model_version"]
     assert c.post("/predict", json=body).get_json()["results"][0]["model_version"] == v0
     publish(rt.config, "ft-005")
-    deadline = time.monotonic() + 15
-    version = None
-    while time.monotonic() < deadline and version != "ft-005":
-        c.post("/setup", json={"project": "1.1"})    # notices the pointer, starts the background load
-        assert rt.manager.wait_for_reload(10)
-        version = c.post("/setup", json={"project": "1.1"}).get_json()["model_version"]
-        if version != "ft-005":
-            time.sleep(0.1)
-    assert version == "ft-005", (version, f.loads)
+    c.post("/setup", json={"project": "1.1"})          # notices the pointer, starts the background load
+    assert rt.manager.wait_for_reload(10)
+    assert c.post("/setup", json={"project": "1.1"}).get_json()["model_version"] == "ft-005"
     res = c.post("/predict", json=body).get_json()
     assert res["results"][0]["model_version"] == "ft-005" == res["model_version"]
     assert c.get("/health").get_json()["model_version"] == "ft-005"
+    assert f.loads.count(None) == 1                      # the base model was loaded once, never again
+
+
+def test_a_stale_pointer_check_never_undoes_a_newer_one(tmp_path, monkeypatch):
+    """The race once seen in the test above: a check that read "no pointer" before a version was published, and
+    applied it after a newer check had adopted that version, reloaded the base model over it. Reproduced here by
+    pausing the first check right after it stats the pointer; checks are serialised, so it cannot happen."""
+    cfg = make_config(tmp_path)
+    f = Factory()
+    m = ModelManager(cfg, predictor_factory=f)
+    m.get()
+    real = versions.pointer_signature
+    stat_done, resume = threading.Event(), threading.Event()
+
+    def paused_signature(model_dir):
+        sig = real(model_dir)
+        if threading.current_thread().name == "stale-check":
+            stat_done.set()
+            assert resume.wait(10)
+        return sig
+
+    monkeypatch.setattr(versions, "pointer_signature", paused_signature)
+    stale = threading.Thread(target=m.check_for_update, kwargs={"force": True}, name="stale-check")
+    stale.start()
+    assert stat_done.wait(10)                            # it saw no pointer and is paused
+    publish(cfg, "ft-007")
+    fresh = threading.Thread(target=m.check_for_update, kwargs={"force": True})
+    fresh.start()
+    resume.set()
+    stale.join(10)
+    fresh.join(10)
+    assert m.wait_for_reload(10)
+    m.check_for_update(force=True)
+    assert m.wait_for_reload(10)
+    assert m.version == "ft-007" and m.get().version == "ft-007"
+    assert f.loads.count(None) == 1 and m.reloads == 1
 
 
 def test_concurrent_predictions_during_reload_never_fail(make_app, ls_media):
@@ -175,8 +205,10 @@ def test_concurrent_predictions_during_reload_never_fail(make_app, ls_media):
     img = ls_media("a.png", png_bytes())
     body = {"tasks": [task(1, img, "a circle")], "label_config": LABEL_CONFIG, "project": "1.1"}
     c = app.test_client()
-    assert c.post("/predict", json=body).status_code == 200
-    errors, versions = [], set()
+    first = c.post("/predict", json=body)
+    assert first.status_code == 200
+    v0 = first.get_json()["model_version"]
+    answers, errors = [], []
 
     def worker():
         cl = app.test_client()
@@ -184,7 +216,9 @@ def test_concurrent_predictions_during_reload_never_fail(make_app, ls_media):
             r = cl.post("/predict", json=body)
             if r.status_code != 200 or not r.get_json()["results"][0]["result"]:
                 errors.append(r.status_code)
-            versions.add(r.get_json()["results"][0]["model_version"])
+                continue
+            result = r.get_json()["results"][0]
+            answers.append((result["model_version"], result["result"][0]["score"]))
     threads = [threading.Thread(target=worker) for _ in range(3)]
     for t in threads:
         t.start()
@@ -192,5 +226,8 @@ def test_concurrent_predictions_during_reload_never_fail(make_app, ls_media):
     for t in threads:
         t.join()
     assert rt.manager.wait_for_reload(10)
-    assert errors == []
+    assert errors == [] and len(answers) == 45
+    # every answer names the version that produced it: the base (score 0.25) or the published one (0.75)
+    assert set(answers) <= {(v0, 0.25), ("ft-006", 0.75)}, set(answers)
     assert rt.manager.version == "ft-006"
+    assert c.post("/predict", json=body).get_json()["results"][0]["result"][0]["score"] == 0.75

@@ -55,3 +55,15 @@ def test_brush_rle_header_is_checked_before_decoding():
         brush_rle_to_mask([0, 0, 0, 4, 300], 1, 1)
     with pytest.raises(MaskDecodeError):
         brush_rle_to_mask(rle[:8], 37, 53)                 # truncated runs
+
+
+def test_brush_rle_is_the_editors_rgba_with_alpha_255():
+    from label_studio_sdk.converter.brush import decode_rle
+
+    m = np.zeros((4, 5), bool)
+    m[1:3, 1:4] = True
+    for variant in (m, m.astype(np.uint8), m.astype(np.uint8) * 255):
+        flat = decode_rle(mask_to_brush_rle(variant)).reshape(4, 5, 4)
+        assert set(np.unique(flat[..., 3])) == {0, 255} and np.array_equal(flat[..., 3] > 0, m)
+    with pytest.raises(ValueError):
+        mask_to_brush_rle(np.ones((2, 2, 2)))
