@@ -39,4 +39,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
   CMD curl -fsS "http://127.0.0.1:${PORT}/health" || exit 1
 
 # No --preload: the model loads in each worker (never in the master; CUDA cannot be re-initialised after fork).
-CMD ["gunicorn", "-c", "python:backend.serving.gunicorn_conf", "backend.serving.wsgi:app"]
+CMD ["ssp-sam", "serve"]

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
+
+from backend.logs import configure_logging
 
 COMMAND_MODULES = (
     "ssp_sam.predictor",         # predict
@@ -20,6 +21,7 @@ COMMAND_MODULES = (
     "ssp_sam.embed",             # embed
     "ssp_sam.data.synthetic",    # synth
     "backend.learning.finetune",  # finetune
+    "backend.serving.serve",     # serve
 )
 
 
@@ -34,8 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     return int(args.func(args) or 0)
 
 

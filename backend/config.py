@@ -77,7 +77,7 @@ class BackendConfig:
     # --- server ---
     model_dir: str = "./model_dir"                # MODEL_DIR
     log_level: str = "INFO"                       # LOG_LEVEL
-    host: str = "127.0.0.1"                       # HOST (python -m backend / run.sh bind address)
+    host: str = "127.0.0.1"                       # HOST (ssp-sam serve bind address)
     port: int = 9090                              # PORT
     workers: int = 1                              # WORKERS
     threads: int = 4                              # THREADS

@@ -1,4 +1,4 @@
-"""Logging setup shared by ``python -m backend`` and gunicorn workers."""
+"""Logging setup shared by every ``ssp-sam`` command and the gunicorn workers."""
 
 from __future__ import annotations
 

@@ -17,5 +17,5 @@ export THREADS="${THREADS:-4}"
 export LOG_LEVEL="${LOG_LEVEL:-INFO}"
 mkdir -p "$MODEL_DIR"
 
-.venv/bin/python -m backend --check >/dev/null   # fail fast on a bad configuration
-exec .venv/bin/gunicorn -c python:backend.serving.gunicorn_conf backend.serving.wsgi:app
+.venv/bin/ssp-sam serve --check >/dev/null   # fail fast on a bad configuration
+exec .venv/bin/ssp-sam serve

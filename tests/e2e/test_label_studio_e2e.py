@@ -1,7 +1,7 @@
 """End to end against a real Label Studio 1.23.2 (headless, SQLite, 127.0.0.1) and this backend in a subprocess.
 
 Sequence (protocol doc §12): start LS (fresh data dir, pre-migrated template DB) and the backend (gunicorn with 2
-workers, or ``python -m backend`` with E2E_BACKEND_SERVER=dev; MODEL_DIR in tmp, no LS URL/token in its env: it must use what LS sends in /setup) -> create a project with
+workers, or ``ssp-sam serve --dev`` with E2E_BACKEND_SERVER=dev; MODEL_DIR in tmp, no LS URL/token in its env: it must use what LS sends in /setup) -> create a project with
 the recommended config -> upload synthetic scenes with known masks and import tasks with sentences -> connect the
 backend (``is_interactive``) -> "Retrieve predictions" -> predictions stored, RLE decodes at the natural size, IoU
 with the ground truth (asserted when the demo model exists) -> interactive prediction with a typed sentence ->
@@ -42,7 +42,7 @@ pytestmark = pytest.mark.e2e
 MIN_SCENES_WITH_REGION = 4
 MIN_MEAN_IOU = 0.45
 N_SCENES = 6
-SERVER = os.environ.get("E2E_BACKEND_SERVER", "gunicorn")      # "gunicorn" (2 workers) or "dev" (python -m backend)
+SERVER = os.environ.get("E2E_BACKEND_SERVER", "gunicorn")      # "gunicorn" (2 workers) or "dev" (ssp-sam serve --dev)
 _tail = tail
 
 
@@ -136,13 +136,10 @@ def servers(ls_venv, tmp_path_factory):
         be_env.update({"MODEL_DIR": str(model_dir), "LOG_LEVEL": "INFO", "PRELOAD_MODEL": "true",
                        "DEVICE": "cpu", "PYTHONUNBUFFERED": "1"})
         be_log = tmp / "backend.log"
-        if SERVER == "gunicorn":
-            # production path, two workers: /setup reaches one of them, interactive calls (no /setup) any of them
-            be_env.update({"HOST": "127.0.0.1", "PORT": str(be_port), "WORKERS": "2", "THREADS": "4"})
-            cmd = [str(Path(sys.executable).with_name("gunicorn")), "-c", "python:backend.serving.gunicorn_conf",
-                   "backend.serving.wsgi:app"]
-        else:
-            cmd = [sys.executable, "-m", "backend", "--host", "127.0.0.1", "--port", str(be_port)]
+        # `ssp-sam serve`: gunicorn with two workers (/setup reaches one of them, interactive calls any of them), or
+        # Flask's server with E2E_BACKEND_SERVER=dev
+        be_env.update({"HOST": "127.0.0.1", "PORT": str(be_port), "WORKERS": "2", "THREADS": "4"})
+        cmd = [sys.executable, "-m", "backend.cli", "serve"] + (["--dev"] if SERVER == "dev" else [])
         procs.append(subprocess.Popen(cmd, env=be_env, cwd=str(ROOT), stdout=open(be_log, "wb"),
                                       stderr=subprocess.STDOUT, start_new_session=True))
         wait_http(f"http://127.0.0.1:{be_port}/health", procs[1], 60, be_log)

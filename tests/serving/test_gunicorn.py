@@ -1,4 +1,4 @@
-"""Production entry point: gunicorn with backend.serving.gunicorn_conf starts, answers, and loads nothing in the master."""
+"""Production entry point: ``ssp-sam serve`` runs gunicorn, which starts, answers, and loads nothing in the master."""
 
 from __future__ import annotations
 
@@ -26,10 +26,9 @@ def test_gunicorn_serves_health_and_setup(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LABEL_STUDIO")}
     env.update({"PORT": str(port), "HOST": "127.0.0.1", "WORKERS": "2", "THREADS": "2",
                 "MODEL_DIR": str(tmp_path / "md"), "SSP_SAM_VARIANT": "tiny", "LOG_LEVEL": "INFO"})
-    gunicorn = Path(sys.executable).with_name("gunicorn")
     log = tmp_path / "gunicorn.log"
-    proc = subprocess.Popen([str(gunicorn), "-c", "python:backend.serving.gunicorn_conf", "backend.serving.wsgi:app"], cwd=str(ROOT),
-                            env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve"], cwd=str(ROOT), env=env,
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
