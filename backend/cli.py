@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "ssp_sam.embed",             # embed
     "ssp_sam.data.synthetic",    # synth
     "backend.learning.finetune",  # finetune
+    "backend.learning.datastore.cli",  # datastore
 )
 
 

@@ -43,8 +43,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from backend.learning.corrections import decode_region_mask, wait_until_idle  # noqa: E402
-from backend.learning.datastore import mask_iou  # noqa: E402
 from backend.learning.finetune import FinetuneConfig, is_heldout, run_once  # noqa: E402
+from ssp_sam import metrics  # noqa: E402
 from tests.payloads import TEST_LABEL_CONFIG, annotation_event  # noqa: E402
 
 log = logging.getLogger("bench.learn_from_corrections")
@@ -147,7 +147,7 @@ def served_miou(preds: dict, truth: dict, ids: list[int]) -> dict:
         gt = truth[i].astype(bool)
         p = preds.get(i)
         p = np.zeros_like(gt) if p is None else p
-        ious.append(mask_iou(p, gt))
+        ious.append(metrics.iou(p, gt))
         inter += int(np.logical_and(p, gt).sum())
         union += int(np.logical_or(p, gt).sum())
     return {"mIoU": float(np.mean(ious)) if ious else float("nan"), "oIoU": inter / union if union else float("nan"),
@@ -291,7 +291,7 @@ def main(argv=None) -> int:
             gt = truth[tid].astype(bool)
             if not gt.any():  # nothing matches: submitted without a region (the predicted one deleted, if any)
                 origin, submitted = "empty", None
-            elif p is not None and p.any() and mask_iou(p, gt) >= args.accept_iou:
+            elif p is not None and p.any() and metrics.iou(p, gt) >= args.accept_iou:
                 origin, submitted = "prediction", p
             elif p is not None and p.any():
                 origin, submitted = "prediction-changed", gt

@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from backend.learning.datastore import Datastore, EVENT_IGNORED, as_int as _int, mask_iou
+from backend.learning.datastore import Datastore, EVENT_IGNORED, as_int as _int
+from ssp_sam import metrics
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +349,7 @@ class CorrectionWorker:
         iou = None
         if pred is not None and (pred["width"], pred["height"]) == (w, h):
             try:
-                iou = mask_iou(self.store.prediction_mask(pred), mask)
+                iou = metrics.iou(self.store.prediction_mask(pred), mask)
             except Exception as exc:  # a missing blob must not block ingestion
                 log.warning("prediction %s mask unreadable: %s", pred.get("id"), exc)
         if no_target:  # the model said nothing too (accepted), or its mask was removed (changed)
