@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "ssp_sam.data.synthetic",    # synth
     "backend.learning.finetune",  # finetune
     "backend.serving.serve",     # serve
+    "backend.learning.datastore.cli",  # datastore
 )
 
 

@@ -100,7 +100,7 @@ class BackendConfig:
     media_cache_dir: Optional[str] = None         # MEDIA_CACHE_DIR (default MODEL_DIR/media-cache)
     media_cache_mb: int = 1024                    # MEDIA_CACHE_MB
     media_timeout_s: float = 30.0                 # MEDIA_TIMEOUT_S
-    # --- corrections datastore (backend/learning/datastore.py) ---
+    # --- corrections datastore (backend/learning/datastore/) ---
     datastore_url: Optional[str] = None           # DATASTORE_URL (default SQLite MODEL_DIR/corrections.db)
     empty_annotation_is_no_target: bool = True    # EMPTY_ANNOTATION_IS_NO_TARGET (a submitted annotation with a
                                                   # sentence and no brush region = "nothing matches" sample)

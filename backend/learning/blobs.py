@@ -1,21 +1,22 @@
 """Content-addressed blob store: ``MODEL_DIR/blobs/ab/<sha256>``.
 
 Blobs are immutable: a blob's name is the SHA-256 of its bytes, so writing the same bytes twice is a no-op and a
-reader never sees a half-written file (each write goes to a temporary file in the same folder, is fsynced, then
-``os.replace``d into place). Image snapshots and masks of the corrections datastore live here, so training never needs
-Label Studio to be up.
+reader never sees a half-written file (``ssp_sam.io.write_bytes_atomic``: a temporary file in the same folder,
+fsynced, then renamed into place). Image snapshots and masks (1-bit PNG, ``ssp_sam.data.masks``) of the corrections
+datastore live here, so training never needs Label Studio to be up.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ssp_sam.data.masks import mask_to_png, png_to_mask
+from ssp_sam.io import write_bytes_atomic
 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -25,10 +26,9 @@ class BlobNotFound(KeyError):
 
 
 class BlobStore:
-    def __init__(self, root: str | os.PathLike, fsync: bool = True):
+    def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.fsync = fsync
 
     # -- addressing -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -42,27 +42,12 @@ class BlobStore:
 
     # -- bytes ------------------------------------------------------------------------------------------------------
     def put(self, data: bytes) -> str:
-        """Store ``data`` and return its SHA-256 hex digest (idempotent, atomic)."""
+        """Store ``data`` and return its SHA-256 hex digest (idempotent, atomic, fsynced)."""
         data = bytes(data)
         sha = self.digest(data)
         target = self.path(sha)
-        if target.exists() and target.stat().st_size == len(data):
-            return sha
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                if self.fsync:
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        if not (target.exists() and target.stat().st_size == len(data)):
+            write_bytes_atomic(target, data)
         return sha
 
     def get(self, sha: str) -> bytes:
@@ -86,27 +71,9 @@ class BlobStore:
 
     # -- masks ------------------------------------------------------------------------------------------------------
     def put_mask(self, mask: np.ndarray) -> str:
-        """Store a 2-D boolean mask as a 1-bit PNG (compact, lossless) and return its digest."""
-        return self.put(encode_mask_png(mask))
+        """Store a 2-D mask as a 1-bit PNG (compact, lossless) and return its digest."""
+        return self.put(mask_to_png(mask))
 
     def get_mask(self, sha: str) -> np.ndarray:
-        return decode_mask_png(self.get(sha))
-
-
-def encode_mask_png(mask: np.ndarray) -> bytes:
-    from PIL import Image
-
-    m = np.asarray(mask)
-    if m.ndim != 2:
-        raise ValueError(f"mask must be 2-D, got shape {m.shape}")
-    img = Image.fromarray((m > 0).astype(np.uint8) * 255, mode="L").convert("1")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
-
-
-def decode_mask_png(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("L")) > 0
+        """The stored mask as (H, W) bool."""
+        return png_to_mask(self.get(sha))

@@ -40,14 +40,13 @@ from backend.labelstudio.protocol import (ANNOTATION_DELETE_ACTIONS, ANNOTATION_
 from backend.labelstudio.label_config import LabelConfigError, parse_label_config
 from backend.labelstudio.prompts import DEFAULT_PROMPT_FIELDS, region_sentence
 from backend.labelstudio.records import RecordUnavailable
-from backend.learning.datastore import EVENT_IGNORED, Datastore
+from backend.learning.datastore import EVENT_IGNORED, ORIGINS, Datastore
 from ssp_sam.images import image_size
 from ssp_sam.metrics import iou
 
 log = logging.getLogger(__name__)
 
 NO_TARGET_REGION_ID = "no-target"  # region id of the sample kept for an annotation submitted without regions
-ORIGINS = ("prediction", "prediction-changed", "manual")
 _URL_LIKE = re.compile(r"^(https?://|s3://|gs://|azure-blob://|/data/|data/|upload/)")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import io
 import time
-import uuid
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from PIL import Image
 from backend.learning.corrections import CorrectionWorker, WorkerConfig, image_url, parent_model_version
 from backend.learning.datastore import open_datastore
 from tests.fakes import wait_until_idle
+from tests.learning import postgres
 from tests.payloads import annotation_event, brush_result
 
 LS = "http://ls.test"
@@ -349,16 +349,9 @@ def test_background_thread_drains_the_inbox(store, media):
     assert len(store.list_samples()) == 5
 
 
-def _pg_url():
-    return "postgresql://postgres@127.0.0.1:5432/test"
-
-
 @pytest.mark.postgres
 def test_worker_end_to_end_on_postgres(tmp_path, media):
-    try:
-        s = open_datastore(_pg_url(), tmp_path, schema=f"t_{uuid.uuid4().hex[:12]}")
-    except Exception as exc:  # pragma: no cover
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    s = open_datastore(postgres.require_postgres(), tmp_path, schema=postgres.new_schema_name())
     try:
         w = CorrectionWorker(s, Fetcher(), WorkerConfig(backoff_base_s=0))
         s.record_prediction(1, 10, "the red square", "demo-1", _mask(), 0.9)

@@ -196,13 +196,9 @@ def test_ssp_sam_command_has_finetune():
 
 @pytest.mark.postgres
 def test_round_on_postgres(tmp_path, tiny_base, requests_mock):
-    import uuid
+    from tests.learning import postgres
 
-    try:
-        store = open_datastore("postgresql://postgres@127.0.0.1:5432/test", tmp_path,
-                               schema=f"t_{uuid.uuid4().hex[:12]}")
-    except Exception as exc:  # pragma: no cover
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    store = open_datastore(postgres.require_postgres(), tmp_path, schema=postgres.new_schema_name())
     try:
         ingest(store, requests_mock, _synthetic(10, seed=8, min_size=48, max_size=64))
         rep = run_once(_cfg(tmp_path, tiny_base, tolerance=1.0), store=store)
