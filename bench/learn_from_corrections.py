@@ -159,7 +159,7 @@ def fresh_eval(scenes, variant: str, parent_path: str | None, published_path: st
     """Metrics of the model the round started from (``parent_path``; None = the packaged demo) and of the published
     version (if any) on scenes never sent as corrections."""
     from ssp_sam.build import ModelConfig, load_model
-    from ssp_sam.train import evaluate_model
+    from ssp_sam.evaluate import evaluate_model
 
     out = {"n": len(scenes)}
     models = {"before": ModelConfig(variant=variant, checkpoint=parent_path, device="cpu")}
@@ -192,7 +192,6 @@ def main(argv=None) -> int:
                     help="true/false (default: what the variant says; the demo trains its encoder)")
     ap.add_argument("--aug-translate", type=_flag, default=True,
                     help="random CLIP placement (true/false)")
-    ap.add_argument("--aug-flip", type=float, default=0.0, help="left-right mirror probability (sentence swapped)")
     ap.add_argument("--patch-loss-weight", type=float, default=None,
                     help="auxiliary referent-patch loss weight (default: FinetuneConfig's, the variant's preset)")
     ap.add_argument("--patch-head-fit-steps", type=int, default=None, help="default: FinetuneConfig's")
@@ -333,7 +332,7 @@ def main(argv=None) -> int:
         fcfg = FinetuneConfig(model_dir=str(model_dir), datastore_url=args.datastore_url, variant=args.variant,
                               base_checkpoint=args.base_checkpoint, heldout_fraction=args.heldout,
                               max_steps=args.max_steps, batch_size=args.batch_size, aug_translate=args.aug_translate,
-                              aug_flip=args.aug_flip, device="cpu", threads=args.threads,
+                              device="cpu", threads=args.threads,
                               min_heldout=args.min_heldout, **given)
         rep = run_once(fcfg, store=store)
         if rep.get("decision") == "skipped":

@@ -24,7 +24,6 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     "base": ({}, {}),
     "c96": (dict(clip_image_size=96), {}),
     "c128": (dict(clip_image_size=128), {}),
-    "c128g": (dict(clip_image_size=128, scratch_init=True), dict(grounding_loss_weight=2.0)),
     "c128lr": (dict(clip_image_size=128), dict(lr=1e-3, lr_decoder=1e-3, batch_size=16)),
     "c128s256": (dict(clip_image_size=128, sam_image_size=256), {}),
     "c128wide": (dict(clip_image_size=128, clip_vision_width=128, clip_text_width=128, clip_embed_dim=128,
@@ -36,7 +35,6 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     "patch20": ({}, dict(patch_loss_weight=20.0)),
     "p20c128": (dict(clip_image_size=128), dict(patch_loss_weight=20.0)),
     "p20e2e": ({}, dict(patch_loss_weight=20.0, train_sam_encoder=True)),
-    "flip": ({}, dict(aug_flip=0.5)),
     # a cheaper SAM encoder (depth 2: its forward + backward is ~0.09 s of a ~0.33 s step instead of ~0.18 s) and
     # a deeper prompt generator (where the positional reasoning has to happen)
     "deep": (dict(sam_encoder=dict(embed_dim=96, depth=2, num_heads=4, global_attn_indexes=(1,)), prompt_layers=4),

@@ -41,7 +41,8 @@ def main() -> int:
     from ssp_sam.build import ModelConfig, load_model
     from ssp_sam.data.datasets import load_dataset
     from ssp_sam.metrics import format_table
-    from ssp_sam.train import config_from_preset, evaluate_model, train
+    from ssp_sam.evaluate import evaluate_model
+    from ssp_sam.train import config_from_preset, train
 
     overrides = {"out_dir": args.out}
     if args.minutes is not None:

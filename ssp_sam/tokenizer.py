@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gzip
 import html
-import json
 import logging
 import re
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import Iterable, Sequence
 
 import ftfy
 import torch
+
+from ssp_sam.vocab import DEMO_WORDS
 
 log = logging.getLogger(__name__)
 
@@ -162,19 +163,10 @@ class WordTokenizer(TextTokenizer):
         return [self._sot] + self.tk.encode(text, add_special_tokens=False).ids + [self._eot]
 
 
-def default_words() -> list[str]:
-    """The demo vocabulary: every word the synthetic benchmark can produce (both domains)."""
-    try:
-        from .data.synthetic import SYNTHETIC_VOCABULARY
-        return list(SYNTHETIC_VOCABULARY)
-    except ImportError:  # the data package is optional for a plain inference install
-        return "the a an of on in left right top bottom middle center small large big".split()
-
-
 def load_tokenizer(spec, tokenizer_json: str | None = None, clip_checkpoint: str | None = None) -> TextTokenizer:
     """The tokenizer a variant needs: the bundle's own, the CLIP directory's, or the packaged CLIP vocabulary."""
     if spec.tokenizer == "word":
-        tok = WordTokenizer.from_json(tokenizer_json) if tokenizer_json else WordTokenizer.from_words(default_words())
+        tok = WordTokenizer.from_json(tokenizer_json) if tokenizer_json else WordTokenizer.from_words(DEMO_WORDS)
         if tok.vocab_size > spec.clip_vocab_size:
             raise ValueError(f"word vocabulary ({tok.vocab_size}) exceeds the model's table ({spec.clip_vocab_size})")
     elif clip_checkpoint and Path(clip_checkpoint).is_dir() and (Path(clip_checkpoint) / "vocab.json").exists():
@@ -186,4 +178,3 @@ def load_tokenizer(spec, tokenizer_json: str | None = None, clip_checkpoint: str
 
 
 __all__ = ["TextTokenizer", "ClipBpeTokenizer", "WordTokenizer", "load_tokenizer", "prompt_text", "clean_text"]
-_ = json  # json kept for callers that serialise tokenizers alongside bundles

@@ -7,9 +7,7 @@ zero-padded at the bottom/right to a square. SSP-SAM's logits live in that padde
 
 from __future__ import annotations
 
-import dataclasses
 import random
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,35 +119,3 @@ def mask_to_clip_grid(mask: np.ndarray, meta: ClipMeta, patch: int) -> torch.Ten
     canvas = torch.zeros(meta.size, meta.size)
     canvas[top:top + nh, left:left + nw] = torch.from_numpy(np.array(m))
     return F.avg_pool2d(canvas[None, None], patch)[0, 0].flatten()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Horizontal flip (training augmentation)
-
-_LEFT_RIGHT = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
-_LEFT_RIGHT_RE = re.compile(r"\b(" + "|".join(_LEFT_RIGHT) + r")\b", re.IGNORECASE)
-
-
-def swap_left_right(sentence: str) -> str:
-    """The sentence of the mirrored image: "left" <-> "right", "leftmost" <-> "rightmost" (whole words, case kept)."""
-    def repl(m: re.Match) -> str:
-        word = m.group(0)
-        out = _LEFT_RIGHT[word.lower()]
-        return out.upper() if word.isupper() else out.capitalize() if word[0].isupper() else out
-
-    return _LEFT_RIGHT_RE.sub(repl, sentence)
-
-
-def hflip_sample(sample):
-    """A :class:`~ssp_sam.data.Sample` mirrored left-right, its sentence's left and right swapped.
-
-    Only sentences whose meaning survives the mirror with that swap qualify (true of the synthetic benchmark and of
-    most referring expressions; not of text in the image or "his left hand"), so training enables it explicitly.
-    """
-    w = sample.image.shape[1]
-    box = sample.box_xyxy
-    if box is not None:
-        box = np.array([w - box[2], box[1], w - box[0], box[3]], dtype=np.float32)
-    return dataclasses.replace(sample, image=np.ascontiguousarray(sample.image[:, ::-1]),
-                               mask=np.ascontiguousarray(sample.mask[:, ::-1]), box_xyxy=box,
-                               sentence=swap_left_right(sample.sentence))

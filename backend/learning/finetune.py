@@ -69,7 +69,6 @@ class FinetuneConfig:
     warmup_epochs: float = 0.0
     clip_grad: float = 1.0
     aug_translate: bool = True
-    aug_flip: float = 0.0                     # left-right mirror probability, sentence's left/right swapped
     train_sam_encoder: bool | None = None     # None: what the variant says (the demo trains its small encoder, which
                                               # is what makes it learn new shapes and colours; the official ViT
                                               # encoders stay frozen, their embeddings cached once)
@@ -398,7 +397,8 @@ def resolve_patch_loss_weight(cfg: FinetuneConfig, variant: str) -> float:
 def _train_and_evaluate(cfg: FinetuneConfig, store, plan: dict, run_dir: Path, report: dict, master: bool) -> dict:
     import torch
 
-    from ssp_sam.train import TrainConfig, evaluate_model, train
+    from ssp_sam.evaluate import evaluate_model
+    from ssp_sam.train import config_from_preset, train
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -422,15 +422,15 @@ def _train_and_evaluate(cfg: FinetuneConfig, store, plan: dict, run_dir: Path, r
         return None
 
     report["patch_loss_weight"] = patch_weight = resolve_patch_loss_weight(cfg, loaded.spec.name)
-    tcfg = TrainConfig(variant=loaded.spec.name, train_data="", val_data="", epochs=cfg.epochs,
-                       max_steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr, lr_decoder=cfg.lr_decoder,
-                       lr_min=min(cfg.lr, cfg.lr_decoder) / 100, warmup_epochs=cfg.warmup_epochs,
-                       freeze_decoder_epochs=0, clip_grad=cfg.clip_grad, aug_translate=cfg.aug_translate,
-                       aug_flip=cfg.aug_flip, train_sam_encoder=cfg.train_sam_encoder, train_clip=cfg.train_clip,
-                       patch_loss_weight=patch_weight, patch_head_fit_steps=cfg.patch_head_fit_steps, seed=cfg.seed,
-                       out_dir=str(run_dir / "train"),
-                       save_checkpoints=False, device=cfg.device, progress=False, log_every=10 ** 9,
-                       eval_batch_size=cfg.eval_batch_size, threads=cfg.threads)
+    tcfg = config_from_preset("finetune", variant=loaded.spec.name, train_data="", val_data="",
+                              patch_loss_weight=patch_weight, epochs=cfg.epochs, max_steps=cfg.max_steps,
+                              batch_size=cfg.batch_size, lr=cfg.lr, lr_decoder=cfg.lr_decoder,
+                              lr_min=min(cfg.lr, cfg.lr_decoder) / 100, warmup_epochs=cfg.warmup_epochs,
+                              clip_grad=cfg.clip_grad, aug_translate=cfg.aug_translate,
+                              train_sam_encoder=cfg.train_sam_encoder, train_clip=cfg.train_clip,
+                              patch_head_fit_steps=cfg.patch_head_fit_steps, seed=cfg.seed,
+                              out_dir=str(run_dir / "train"), device=cfg.device,
+                              eval_batch_size=cfg.eval_batch_size, threads=cfg.threads)
     t = time.time()
     res = train(tcfg, model=model, tokenizer=tok, train_set=train_set, val_set=None, on_epoch_end=on_epoch_end)
     report["train_s"] = round(time.time() - t, 2)
@@ -570,9 +570,6 @@ _HELP = {
                          "the official variants: false, embeddings cached)",
     "train_clip": "true/false: train CLIP (default: what the variant says)",
     "aug_translate": "true/false: random placement of the image in CLIP's padded square (default true, as official)",
-    "aug_flip": "probability of a left-right mirror with 'left'/'right' swapped in the sentence (default 0; "
-                "measured: a little better when every sentence names something, worse with 'nothing matches' "
-                "submissions; docs/corrections.md)",
     "patch_loss_weight": "weight of the auxiliary referent-patch loss (ssp_sam.losses; default: the variant's training "
                          "preset's, i.e. 20 for the demo, 0 for the official variants)",
     "patch_head_fit_steps": "steps fitting the patch loss's head alone on the start model before the round "

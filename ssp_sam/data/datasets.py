@@ -1,6 +1,6 @@
 """Datasets that yield :class:`ssp_sam.data.Sample`.
 
-1. ``OfficialRefDataset``: the official SimREC-style layout (ssp-sam-model.md §11)::
+1. ``OfficialRefDataset``: the official SimREC-style layout (what the official data preparation writes)::
 
        ROOT/anns/<refcoco|refcoco+|refcocog_umd|refcocog_google|refclef|grefcoco>.json   {split: [record, ...]}
        ROOT/masks/<same name>/<mask_id>.npy                                               uint8 HxW
@@ -33,7 +33,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -67,15 +67,6 @@ def image_key(sample: Sample) -> str:
     if key:
         return _file_safe(key)
     return image_digest(sample.image)[:20]
-
-
-def image_groups(dataset: Sequence[Sample]) -> list[int]:
-    """Group id (0, 1, ...) of every sample's image: samples with one :func:`image_key` share an id. Uses the
-    dataset's own ``image_keys()`` when it has one (no image is read), else reads every sample."""
-    keys = dataset.image_keys() if hasattr(dataset, "image_keys") else [image_key(dataset[i])
-                                                                      for i in range(len(dataset))]
-    ids: dict[str, int] = {}
-    return [ids.setdefault(k, len(ids)) for k in keys]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -112,10 +103,6 @@ class OfficialRefDataset:
 
     def __len__(self) -> int:
         return len(self.items)
-
-    def image_keys(self) -> list[str]:
-        """:func:`image_key` of every item, without reading images."""
-        return [_file_safe(self._image_key(rec)) for rec, _ in self.items]
 
     def _image_key(self, rec: dict[str, Any]) -> str:
         return f"{self.name}/{self.image_path(rec['iid']).stem}"
@@ -206,10 +193,6 @@ class JsonlDataset:
     def __len__(self) -> int:
         return len(self.records)
 
-    def image_keys(self) -> list[str]:
-        """:func:`image_key` of every record, without reading images."""
-        return [_file_safe(self._image_key(rec)) for rec in self.records]
-
     @staticmethod
     def _image_key(rec: dict[str, Any]) -> str:
         """The record's ``meta.image_key``, else its image path without the suffix."""
@@ -264,14 +247,14 @@ def _jsonable(x: Any) -> Any:
 
 
 def load_dataset(spec: str, train: bool = False, progress: bool = False):
-    """``synthetic:N[:seed=S][:domain=D][:kinds=K=W,...][:per_scene=K]`` | ``file.jsonl`` |
+    """``synthetic:N[:seed=S][:domain=D][:kinds=K=W,...]`` | ``file.jsonl`` |
     ``official:ROOT:DATASET:SPLIT[:images=DIR]``."""
     if spec.startswith("synthetic:"):
         from ssp_sam.data.synthetic import SyntheticConfig, SyntheticDataset
 
         parts = spec.split(":")[1:]
         n, opts = int(parts[0]), dict(p.split("=", 1) for p in parts[1:])
-        known = ("seed", "domain", "min_size", "max_size", "kinds", "per_scene")
+        known = ("seed", "domain", "min_size", "max_size", "kinds")
         unknown = set(opts) - set(known)
         if unknown:
             raise ValueError(f"{spec}: unknown options {sorted(unknown)} ({', '.join(known)})")
@@ -281,8 +264,6 @@ def load_dataset(spec: str, train: bool = False, progress: bool = False):
                 extra["kind_weights"] = {k: float(v) for k, v in (kv.split("=", 1) for kv in opts["kinds"].split(","))}
             except ValueError:
                 raise ValueError(f"{spec}: kinds must read kinds=KIND=WEIGHT,KIND=WEIGHT,...") from None
-        if "per_scene" in opts:  # per_scene=K: K sentences per scene, one shared image (training data only)
-            extra["sentences_per_scene"] = int(opts["per_scene"])
         cfg = SyntheticConfig(domain=opts.get("domain", "base"), min_size=int(opts.get("min_size", 96)),
                               max_size=int(opts.get("max_size", 160)), **extra)
         return SyntheticDataset(n, seed=int(opts.get("seed", 0)), config=cfg, progress=progress)
@@ -297,5 +278,4 @@ def load_dataset(spec: str, train: bool = False, progress: bool = False):
     raise ValueError(f"cannot tell what dataset {spec!r} is: use synthetic:N, a .jsonl file or official:ROOT:DS:SPLIT")
 
 
-__all__ = ["OfficialRefDataset", "JsonlDataset", "write_jsonl", "load_dataset", "decode_mask_field", "image_key",
-           "image_groups"]
+__all__ = ["OfficialRefDataset", "JsonlDataset", "write_jsonl", "load_dataset", "decode_mask_field", "image_key"]

@@ -17,10 +17,6 @@ multi      "all red shapes", "both circles"                    union of >= 2 obj
 none       "the green star" (no green star in the scene)       empty mask
 =========  ==================================================  ==========================
 
-With ``sentences_per_scene`` = K > 1 (dataset option ``per_scene=K``) every scene gets K sentences (distinct, each
-kind drawn by the mix) that share one image object and ``meta["image_key"]``, so training can run the image encoders
-once per scene (``TrainConfig.sentences_per_image``); K = 1 is the benchmark, sample for sample.
-
 Domains: ``base`` (what the demo model trains on), ``novel`` (shapes, colours and a texture never seen in ``base``:
 hexagon / cross / ring, purple / orange / pink / cyan, checkered) and ``mixed`` (both). Every word any domain can
 produce is in :data:`SYNTHETIC_VOCABULARY`.
@@ -115,7 +111,6 @@ class SyntheticConfig:
     kind_weights: dict[str, float] = field(default_factory=lambda: {
         "attr": 0.30, "abs_pos": 0.14, "rel_pos": 0.10, "ordinal": 0.08, "multi": 0.14, "none": 0.24})
     pixel_noise: float = 3.0                 # std of Gaussian noise added to the whole image
-    sentences_per_scene: int = 1             # K > 1: K sentences share each scene (training data; 1 = benchmark)
 
     def __post_init__(self) -> None:
         if self.domain not in DOMAINS:
@@ -125,8 +120,6 @@ class SyntheticConfig:
             raise ValueError(f"unknown sentence kinds {sorted(unknown)}; choose among {KINDS}")
         if not 1 <= self.min_objects <= self.max_objects <= 6:
             raise ValueError("need 1 <= min_objects <= max_objects <= 6")
-        if self.sentences_per_scene < 1:
-            raise ValueError(f"sentences_per_scene must be >= 1, got {self.sentences_per_scene}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -454,30 +447,8 @@ def _sentence(kind: str, objs: list[_Obj], h: int, w: int, dom: dict[str, Any], 
     return (f"{prefix} {sentence}" if prefix else sentence), targets, info, kind
 
 
-def _more_sentences(objs: list[_Obj], h: int, w: int, dom: dict[str, Any], rng: np.random.Generator,
-                    cfg: SyntheticConfig, first: tuple) -> list[tuple]:
-    """``cfg.sentences_per_scene`` distinct sentences about one scene, ``first`` first (kinds drawn by the mix; a
-    kind the scene cannot give is redrawn, and after 40 tries the scene keeps fewer sentences)."""
-    kinds = list(cfg.kind_weights)
-    out, seen = [first], {first[0]}
-    for _ in range(40):
-        if len(out) >= cfg.sentences_per_scene:
-            break
-        res = _sentence(_pick(rng, kinds, [cfg.kind_weights[k] for k in kinds]), objs, h, w, dom, rng)
-        if res is not None and res[0] not in seen:
-            out.append(res)
-            seen.add(res[0])
-    return out
-
-
-def _scene_key(domain: str, seed: int, index: int) -> str:
-    return f"synthetic/{domain}/{int(seed)}/{int(index)}"
-
-
-def generate_scene(seed: int, index: int, config: SyntheticConfig | None = None) -> list[Sample]:
-    """The ``index``-th scene of the benchmark with this ``seed`` (deterministic): ``config.sentences_per_scene``
-    samples (fewer if the scene cannot give that many distinct sentences) sharing one image array. With one sentence
-    per scene it is ``[generate_sample(seed, index, config)]``."""
+def generate_sample(seed: int, index: int, config: SyntheticConfig | None = None) -> Sample:
+    """The ``index``-th sample of the benchmark with this ``seed`` (deterministic)."""
     cfg = config or SyntheticConfig()
     dom = DOMAINS[cfg.domain]
     rng = np.random.default_rng([int(seed), int(index), 7919 + sorted(DOMAINS).index(cfg.domain)])
@@ -495,33 +466,21 @@ def generate_scene(seed: int, index: int, config: SyntheticConfig | None = None)
         objs = _place_objects(h, w, n, dom, rng)
         if len(objs) < cfg.min_objects:
             continue
-        first = _sentence(kind, objs, h, w, dom, rng)
-        if first is None:
+        res = _sentence(kind, objs, h, w, dom, rng)
+        if res is None:
             continue
-        sentences = _more_sentences(objs, h, w, dom, rng, cfg, first)  # K = 1: just [first], no draw
+        sentence, targets, info, kind = res
         background = _pick(rng, list(BACKGROUNDS))
         image = render_scene(h, w, objs, rng, background, cfg.pixel_noise)
+        mask = np.zeros((h, w), np.uint8)
+        for i in targets:
+            mask |= objs[i].mask.astype(np.uint8)
         objects = [{"shape": o.shape, "colour": o.colour, "size": o.size, "texture": o.texture,
                     "cx": round(o.cx, 2), "cy": round(o.cy, 2), "r": round(o.r, 2)} for o in objs]
-        out = []
-        for sentence, targets, info, k in sentences:
-            mask = np.zeros((h, w), np.uint8)
-            for i in targets:
-                mask |= objs[i].mask.astype(np.uint8)
-            meta = {"kind": k, "domain": cfg.domain, "seed": int(seed), "index": int(index),
-                    "background": background, "targets": [int(i) for i in targets], **dict(info),
-                    "objects": objects}
-            if cfg.sentences_per_scene > 1:
-                meta["image_key"] = _scene_key(cfg.domain, seed, index)
-            out.append(Sample(image=image, sentence=sentence, mask=mask, box_xyxy=mask_to_box(mask), meta=meta))
-        return out
-    raise RuntimeError(f"could not generate synthetic scene seed={seed} index={index} kind={kind}")
-
-
-def generate_sample(seed: int, index: int, config: SyntheticConfig | None = None) -> Sample:
-    """The ``index``-th sample of the benchmark with this ``seed`` (deterministic): the first sentence of
-    :func:`generate_scene`."""
-    return generate_scene(seed, index, config)[0]
+        meta = {"kind": kind, "domain": cfg.domain, "seed": int(seed), "index": int(index),
+                "background": background, "targets": [int(i) for i in targets], **dict(info), "objects": objects}
+        return Sample(image=image, sentence=sentence, mask=mask, box_xyxy=mask_to_box(mask), meta=meta)
+    raise RuntimeError(f"could not generate synthetic sample seed={seed} index={index} kind={kind}")
 
 
 def iter_samples(n: int, seed: int = 0, config: SyntheticConfig | None = None, start: int = 0) -> Iterator[Sample]:
@@ -532,8 +491,7 @@ def iter_samples(n: int, seed: int = 0, config: SyntheticConfig | None = None, s
 
 class SyntheticDataset:
     """An indexable dataset of ``n`` synthetic samples, generated once and kept in memory (``cache=True``) or on
-    access. With ``config.sentences_per_scene`` = K > 1 the samples come K to a scene (consecutive, one shared image),
-    so ``n`` samples hold about n / K scenes."""
+    access."""
 
     def __init__(self, n: int, seed: int = 0, config: SyntheticConfig | None = None, domain: str | None = None,
                  cache: bool = True, progress: bool = False) -> None:
@@ -542,31 +500,14 @@ class SyntheticDataset:
             raise ValueError(f"domain={domain!r} conflicts with config.domain={self.config.domain!r}")
         self.n, self.seed = int(n), int(seed)
         self._items: list[Sample] | None = None
-        per_scene = self.config.sentences_per_scene
-        if per_scene > 1 and not cache:
-            raise ValueError("sentences_per_scene > 1 needs cache=True (samples are generated scene by scene)")
         if cache:
             from tqdm import tqdm
 
-            bar = tqdm(total=self.n, desc="synth", unit="sample", disable=not progress)
-            items: list[Sample] = []
-            scene = 0
-            while len(items) < self.n:  # scenes in order; one that gives fewer than K sentences is followed by more
-                new = generate_scene(self.seed, scene, self.config)[: self.n - len(items)]
-                items.extend(new)
-                bar.update(len(new))
-                scene += 1
-            bar.close()
-            self._items = items
+            self._items = [generate_sample(self.seed, i, self.config)
+                           for i in tqdm(range(self.n), desc="synth", unit="sample", disable=not progress)]
 
     def __len__(self) -> int:
         return self.n
-
-    def image_keys(self) -> list[str]:
-        """The scene of every sample (samples of one scene share one key and one image)."""
-        if self._items is not None:
-            return [_scene_key(self.config.domain, self.seed, s.meta["index"]) for s in self._items]
-        return [_scene_key(self.config.domain, self.seed, i) for i in range(self.n)]
 
     def __getitem__(self, i: int) -> Sample:
         if not -self.n <= i < self.n:
@@ -604,5 +545,5 @@ def _cli_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["SYNTHETIC_VOCABULARY", "SyntheticConfig", "SyntheticDataset", "generate_sample", "generate_scene",
-           "iter_samples", "write_synthetic", "register_cli", "DOMAINS", "KINDS"]
+__all__ = ["SYNTHETIC_VOCABULARY", "SyntheticConfig", "SyntheticDataset", "generate_sample", "iter_samples",
+           "write_synthetic", "register_cli", "DOMAINS", "KINDS"]

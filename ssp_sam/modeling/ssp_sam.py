@@ -20,7 +20,6 @@ class SSPSAMOutput:
     low_res_logits: torch.Tensor | None  # (B, 1, 4h, 4w) mask-decoder output
     box: torch.Tensor                    # (B, 4) sigmoid (cx, cy, w, h) in the padded CLIP square
     prompts: torch.Tensor | None         # (B, P, D) sparse prompts fed to SAM's mask decoder
-    similarity: torch.Tensor | None = None  # (B, N, 1) min-max text-image similarity map over CLIP patches
     visual_out: torch.Tensor | None = None  # (B, N, D) prompt-generator outputs at the fused-token positions
 
 
@@ -109,35 +108,26 @@ class SSPSAM(nn.Module):
     def forward(self, image_embeddings: torch.Tensor | None, clip_images: torch.Tensor | None,
                 token_ids: torch.Tensor, sam_images: torch.Tensor | None = None, box_only: bool = False,
                 image_tokens: torch.Tensor | None = None,
-                text_features: tuple[torch.Tensor, torch.Tensor] | None = None,
-                image_index: torch.Tensor | None = None) -> SSPSAMOutput:
-        """Full forward. Cached CLIP image tokens / text features may replace ``clip_images`` / the text tower.
-
-        ``image_index`` (B,): several sentences per image. The image inputs (``clip_images`` / ``image_tokens``,
-        ``sam_images`` / ``image_embeddings``) then hold each image once and sentence b uses row ``image_index[b]``,
-        so each image encoder runs once per image (the same result as repeating the images)."""
+                text_features: tuple[torch.Tensor, torch.Tensor] | None = None) -> SSPSAMOutput:
+        """Full forward. Cached CLIP image tokens / text features may replace ``clip_images`` / the text tower."""
         if image_tokens is None:
             image_tokens = self.encode_clip_image(clip_images)
-        if image_index is not None:
-            image_tokens = image_tokens[image_index]
         words, sentence = text_features if text_features is not None else self.encode_text(token_ids)
         word_mask = token_ids != 0
         words = self.clip_proj(words)
-        visual, similarity = self.vad(image_tokens, sentence, words, ~word_mask)
+        visual, _ = self.vad(image_tokens, sentence, words, ~word_mask)
         phrase, _ = self.lad(words, word_mask)
         fused = self.fusion(torch.tanh(visual) * torch.tanh(phrase))
         box, prompts, visual_out = self.prompt_generator(fused, box_only=box_only)
         if box_only:
-            return SSPSAMOutput(None, None, box, None, similarity, visual_out)
+            return SSPSAMOutput(None, None, box, None, visual_out)
         if image_embeddings is None:
             if sam_images is None:
                 raise ValueError("give image_embeddings or sam_images")
             with torch.set_grad_enabled(self.spec.train_sam_encoder and self.training and torch.is_grad_enabled()):
                 image_embeddings = self.sam.image_encoder(sam_images)
-        if image_index is not None:
-            image_embeddings = image_embeddings[image_index]
         low_res = self.decode_masks(image_embeddings, prompts)
-        return SSPSAMOutput(self.postprocess_logits(low_res), low_res, box, prompts, similarity, visual_out)
+        return SSPSAMOutput(self.postprocess_logits(low_res), low_res, box, prompts, visual_out)
 
     def decode_masks(self, image_embeddings: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """SAM's mask decoder with the prompts as sparse embeddings and the no-mask dense embedding; mask token 0

@@ -140,8 +140,8 @@ def test_failed_round_releases_the_claim(tmp_path, tiny_base, requests_mock, mon
     seen = []
     monkeypatch.setattr(ssp_sam.train, "train", lambda cfg, *a, **k: seen.append(cfg) or boom())
     with pytest.raises(RuntimeError):
-        run_once(_cfg(tmp_path, tiny_base, aug_flip=0.5, aug_translate=False), store=store)
-    assert (seen[0].aug_flip, seen[0].aug_translate) == (0.5, False)  # the round's options reach the trainer
+        run_once(_cfg(tmp_path, tiny_base, aug_translate=False), store=store)
+    assert seen[0].aug_translate is False  # the round's options reach the trainer
     assert (seen[0].patch_loss_weight, seen[0].patch_head_fit_steps) == (0.0, 200)  # tiny's preset: no patch loss
     assert store.count_new_samples() == 8  # nothing lost
     assert store.list_runs()[-1]["status"] == "failed"
@@ -168,8 +168,8 @@ def test_cli_and_watch(tmp_path, tiny_base, requests_mock, monkeypatch):
                               "--base-checkpoint", tiny_base, "--heldout", "0.3", "--max-steps", "1",
                               "--min-train", "2", "--min-heldout", "1", "--device", "cpu", "--tolerance", "1"])
     assert args.heldout_fraction == 0.3 and args.max_steps == 1 and args.tolerance == 1.0
-    flags = parser.parse_args(["finetune", "--once", "--aug-flip", "0.5", "--aug-translate", "false"])
-    assert (flags.aug_flip, flags.aug_translate, flags.patch_loss_weight) == (0.5, False, None)
+    flags = parser.parse_args(["finetune", "--once", "--aug-translate", "false"])
+    assert (flags.aug_translate, flags.patch_loss_weight) == (False, None)
     flags = parser.parse_args(["finetune", "--patch-loss-weight", "0", "--patch-head-fit-steps", "50"])
     assert (flags.patch_loss_weight, flags.patch_head_fit_steps) == (0.0, 50)
     # no samples: a skipped round is a success (exit 0)

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from ssp_sam.data import Sample
-from ssp_sam.data.datasets import load_dataset
 from ssp_sam.data.synthetic import (DOMAINS, KINDS, SYNTHETIC_VOCABULARY, SyntheticConfig, SyntheticDataset,
-                                    generate_sample, generate_scene, write_synthetic)
+                                    generate_sample, write_synthetic)
 
 
 def test_deterministic_and_seed_dependent():
@@ -90,29 +89,6 @@ def test_dataset_and_writer(tmp_path):
     path = write_synthetic(tmp_path, 3, seed=2, progress=False)
     recs = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(recs) == 3 and (tmp_path / recs[0]["image"]).exists() and (tmp_path / recs[0]["mask"]).exists()
-
-
-def test_several_sentences_per_scene_share_one_image():
-    cfg = SyntheticConfig(sentences_per_scene=4)
-    assert [s.sentence for s in generate_scene(3, 5)] == [generate_sample(3, 5).sentence]  # K = 1: the benchmark
-    sizes = []
-    for i in range(30):
-        scene = generate_scene(3, i, cfg)
-        sizes.append(len(scene))
-        assert len({s.sentence for s in scene}) == len(scene) and 1 <= len(scene) <= 4
-        assert all(s.image is scene[0].image and s.meta["image_key"] == scene[0].meta["image_key"] for s in scene)
-        for s in scene:  # each mask is the union of its own targets, drawn on the shared image
-            objs = s.meta["objects"]
-            assert bool(s.mask.any()) == bool(s.meta["targets"]) and s.meta["kind"] in KINDS
-            assert all(0 <= t < len(objs) for t in s.meta["targets"])
-    assert sum(sizes) / len(sizes) > 3.5
-    ds = load_dataset("synthetic:10:seed=3:per_scene=4")
-    assert len(ds) == 10 and ds[0].sentence == generate_scene(3, 0, cfg)[0].sentence
-    assert len(set(ds.image_keys())) < 10 and ds.image_keys()[0] == ds[0].meta["image_key"]
-    with pytest.raises(ValueError):
-        SyntheticConfig(sentences_per_scene=0)
-    with pytest.raises(ValueError):
-        SyntheticDataset(4, config=cfg, cache=False)
 
 
 def test_synth_cli(tmp_path):

@@ -1,4 +1,4 @@
-"""Metrics against hand-computed numbers (ssp-sam-model.md §8, §12)."""
+"""Metrics against hand-computed numbers, with the official GRES conventions (no-target rule, N-acc, T-acc)."""
 
 import math
 

@@ -1,16 +1,18 @@
 """The training loop on the tiny variant: it runs, learns a little, resumes exactly, and its CLI parses."""
 
 import argparse
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from ssp_sam.batches import TrainView, collate, forward_batch
 from ssp_sam.build import build_model
 from ssp_sam.data.synthetic import SyntheticDataset
-from ssp_sam.train import (PRESETS, ImageGroupBatchSampler, TrainConfig, TrainView, _forward, collate,
-                           config_from_args, config_from_preset, evaluate_model, lr_factor, param_groups, register_cli,
-                           train)
+from ssp_sam.evaluate import evaluate_model
+from ssp_sam.train import (PRESETS, TrainConfig, config_from_args, config_from_preset, fit_patch_head, param_groups,
+                           register_cli, train)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,14 +22,6 @@ VAL = SyntheticDataset(8, seed=1)
 
 def _cfg(tmp_path, **kw):
     return config_from_preset("tiny", out_dir=str(tmp_path), **kw)
-
-
-def test_lr_schedule_shape():
-    # warm-up from lr_min to base, cosine back to lr_min
-    assert lr_factor(0, 100, 10, 1e-3, 1e-5) == pytest.approx(0.01)
-    assert lr_factor(10, 100, 10, 1e-3, 1e-5) == pytest.approx(1.0)
-    assert lr_factor(55, 100, 10, 1e-3, 1e-5) == pytest.approx(0.01 + 0.99 * 0.5)
-    assert lr_factor(100, 100, 10, 1e-3, 1e-5) == pytest.approx(0.01)
 
 
 def test_param_groups_and_view():
@@ -55,49 +49,6 @@ def test_param_groups_and_view():
         placements.add(view[i]["clip"].sum().item())
     view.epoch = 0
     assert torch.equal(view[i]["clip"], view[i]["clip"]) and len(placements) > 1
-
-
-def test_flip_view_mirrors_image_mask_box_and_sentence():
-    from ssp_sam.transforms import hflip_sample, swap_left_right
-
-    assert swap_left_right("The leftmost star, left of the Right square; lefty") == \
-        "The rightmost star, right of the Left square; lefty"
-    model = build_model("tiny", seed=0)
-    i = next(k for k in range(len(TRAIN)) if TRAIN[k].mask.any() and TRAIN[k].image.shape[0] != TRAIN[k].image.shape[1])
-    s, f = TRAIN[i], hflip_sample(TRAIN[i])
-    w = s.image.shape[1]
-    assert (f.image == s.image[:, ::-1]).all() and (f.mask == s.mask[:, ::-1]).all()
-    assert f.box_xyxy.tolist() == [w - s.box_xyxy[2], s.box_xyxy[1], w - s.box_xyxy[0], s.box_xyxy[3]]
-    plain = TrainView(TRAIN, model.spec, augment=False, seed=0)
-    always = TrainView(TRAIN, model.spec, augment=False, seed=0, flip=1.0)
-    a, b = plain[i], always[i]
-    assert b["sentence"] == swap_left_right(a["sentence"]) and b["index"] == i
-    assert torch.equal(b["mask"], TrainView([f], model.spec, augment=False)[0]["mask"])  # mirrored before padding
-    assert not torch.equal(a["mask"], b["mask"])
-    assert torch.equal(plain[i]["mask"], a["mask"])  # the two orientations are cached apart
-    half = TrainView(TRAIN, model.spec, augment=False, seed=0, flip=0.5)
-    flips = [half[k]["sentence"] != plain[k]["sentence"] or not torch.equal(half[k]["mask"], plain[k]["mask"])
-             for k in range(len(TRAIN))]
-    assert 0 < sum(flips) < len(TRAIN)
-
-
-def test_flip_with_a_frozen_encoder_embeds_the_mirrored_images(tmp_path, monkeypatch):
-    import ssp_sam.train as train_mod
-
-    embedded, real = [], train_mod.precompute_embeddings  # train set, its mirror, the validation set
-    monkeypatch.setattr(train_mod, "precompute_embeddings",
-                        lambda model, samples, *a, **k: embedded.append([samples[0].image.copy()]) or
-                        real(model, samples, *a, **k))
-    res = train(_cfg(tmp_path, epochs=1, save_checkpoints=False, aug_flip=0.5, train_sam_encoder=False),
-                train_set=TRAIN, val_set=None)
-    assert res.steps == 6 and math.isfinite(res.history[-1]["train/total"])
-    assert len(embedded) == 3 and (embedded[1][0] == TRAIN[0].image[:, ::-1]).all()
-
-
-def test_flip_refuses_an_embedding_cache_without_mirrored_images(tmp_path):
-    with pytest.raises(ValueError, match="aug-flip"):
-        train(_cfg(tmp_path, aug_flip=0.5, train_sam_encoder=False, embeddings_dir=str(tmp_path / "nowhere")),
-              train_set=TRAIN, val_set=None)
 
 
 def test_train_runs_and_reports(tmp_path):
@@ -150,12 +101,40 @@ def test_cli_config_parsing():
     parser = argparse.ArgumentParser()
     register_cli(parser.add_subparsers())
     args = parser.parse_args(["train", "--preset", "demo", "--epochs", "3", "--lr", "1e-3", "--no-aug-translate",
-                              "--train-clip", "false", "--max-steps", "7"])
+                              "--train-clip", "false", "--max-steps", "7", "--box-only"])
     cfg = config_from_args(args)
     assert cfg.epochs == 3 and cfg.lr == 1e-3 and cfg.aug_translate is False and cfg.train_clip is False
-    assert cfg.max_steps == 7 and cfg.batch_size == PRESETS["demo"]["batch_size"]
+    assert cfg.max_steps == 7 and cfg.box_only is True and cfg.batch_size == PRESETS["demo"]["batch_size"]
+    assert cfg.train_sam_encoder is True  # the preset's, not overridden
+    for flags, want in ((["--aug-translate"], True), (["--aug-translate", "false"], False),
+                        (["--aug-translate", "true"], True), (["--no-aug-translate"], False), ([], False)):
+        assert config_from_args(parser.parse_args(["train", "--preset", "demo", *flags])).aug_translate is want
+    assert config_from_args(parser.parse_args(["train"])) == TrainConfig()  # no preset, no options: the defaults
+    for removed in ("--aug-flip", "--sentences-per-image", "--grounding-loss-weight", "--official-no-target-box"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["train", removed, "1"])
     with pytest.raises(ValueError):
         config_from_preset("nope")
+
+
+def test_every_option_has_help():
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get("help")]
+    assert missing == []
+
+
+def test_finetune_preset_is_the_round_recipe():
+    """The fine-tuning round (backend/learning/finetune.py) used to build this TrainConfig by hand from its defaults;
+    the preset plus what the caller gives must be the same config."""
+    before = TrainConfig(variant="demo", train_data="", val_data="", epochs=10, max_steps=None, batch_size=8,
+                         lr=1e-4, lr_decoder=1e-4, lr_min=min(1e-4, 1e-4) / 100, warmup_epochs=0.0,
+                         freeze_decoder_epochs=0, clip_grad=1.0, aug_translate=True, train_sam_encoder=None,
+                         train_clip=None, patch_loss_weight=20.0, patch_head_fit_steps=200, seed=3407,
+                         out_dir="x/train", save_checkpoints=False, device="auto", progress=False,
+                         log_every=10 ** 9, eval_batch_size=16, threads=None)
+    preset = config_from_preset("finetune", variant="demo", train_data="", val_data="", patch_loss_weight=20.0,
+                                out_dir="x/train")
+    assert preset == before
+    assert not {"variant", "train_data", "val_data", "patch_loss_weight"} & set(PRESETS["finetune"])
 
 
 def test_referent_patch_loss_trains_a_head_that_resumes_and_stays_out_of_the_bundle(tmp_path):
@@ -176,7 +155,6 @@ def test_referent_patch_loss_trains_a_head_that_resumes_and_stays_out_of_the_bun
 def test_patch_head_fit_is_a_linear_probe_of_the_start_model(tmp_path):
     from ssp_sam.losses import referent_patch_loss
     from ssp_sam.tokenizer import load_tokenizer
-    from ssp_sam.train import _fit_patch_head
 
     torch.manual_seed(0)
     model = build_model("tiny", seed=0)
@@ -188,16 +166,16 @@ def test_patch_head_fit_is_a_linear_probe_of_the_start_model(tmp_path):
 
     def probe_loss():
         with torch.no_grad():
-            return sum(float(referent_patch_loss(head(_forward(model.eval(), b, tok, torch.device("cpu")).visual_out)
-                                                 [..., 0], b["grid"])) for b in loader)
+            return sum(float(referent_patch_loss(head(forward_batch(model.eval(), b, tok, torch.device("cpu"))
+                                                      .visual_out)[..., 0], b["grid"])) for b in loader)
 
     cold = probe_loss()
-    _fit_patch_head(model.train(), head, loader, tok, torch.device("cpu"), steps=100, world=1)
+    fit_patch_head(model.train(), head, loader, tok, torch.device("cpu"), steps=100)
     assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # model untouched
     assert probe_loss() < 0.5 * cold  # the head fits the start model's outputs
     batches = []
     counting = type("Counting", (), {"__iter__": lambda self: (batches.append(b) or b for b in loader)})()
-    _fit_patch_head(model, head, counting, tok, torch.device("cpu"), steps=1, world=1, max_samples=8)
+    fit_patch_head(model, head, counting, tok, torch.device("cpu"), steps=1, max_samples=8)
     assert len(batches) == 1  # memory bound: the probe stops reading once it has max_samples outputs
     # through train(): the first step's patch loss starts from the fitted head
     first = {n: train(_cfg(tmp_path / str(n), epochs=1, max_steps=1, patch_loss_weight=2.0, patch_head_fit_steps=n,
@@ -220,57 +198,3 @@ def test_grounding_warmup_trains_everything_but_sam(tmp_path):
         assert bool(changed(before, after, "sam.")) == sam_trains
         assert changed(before, after, "prompt_generator.") and changed(before, after, "vad.")
         assert ("train/dice" in res.history[0]) == sam_trains and res.history[0]["train/patch"] > 0
-
-
-def test_image_group_batches():
-    # images with exactly 2 sentences, batches of 4: every batch is 2 images x 2 sentences
-    smp = ImageGroupBatchSampler([i // 2 for i in range(20)], batch_size=4, per_image=2, seed=0)
-    assert len(smp) == 5 and all(sorted(b[k] // 2 for k in range(4)).count(b[0] // 2) == 2 for b in smp)
-    # ragged images (5, 2, 1, 3, 4 sentences) on two ranks
-    groups = [0, 0, 0, 0, 0, 1, 1, 2, 3, 3, 3, 4, 4, 4, 4]
-    seen = []
-    for rank in (0, 1):
-        smp = ImageGroupBatchSampler(groups, batch_size=4, per_image=2, rank=rank, world=2, seed=1)
-        batches = list(smp)
-        assert len(batches) == len(ImageGroupBatchSampler(groups, 4, 2, 1 - rank, 2, seed=1)) > 0
-        assert all(1 <= len(b) <= 4 and len(set(b)) == len(b) for b in batches)
-        seen += [i for b in batches for i in b]
-        smp.set_epoch(1)
-        again = list(smp)
-        smp.set_epoch(0)
-        assert list(smp) == batches and again != batches  # a function of (seed, epoch)
-    assert len(seen) == len(set(seen))  # the ranks share nothing
-
-
-def test_grouped_batch_runs_each_image_once_with_the_same_result(tmp_path, monkeypatch):
-    data = SyntheticDataset(12, seed=4, config=__import__("ssp_sam.data.synthetic", fromlist=["x"]).SyntheticConfig(
-        sentences_per_scene=3))
-    from ssp_sam.data.datasets import image_groups
-
-    groups = image_groups(data)
-    assert groups == sorted(groups) and len(set(groups)) < len(data)
-    model = build_model("tiny", seed=0).eval()
-    from ssp_sam.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(model.spec)
-    grouped = TrainView(data, model.spec, augment=True, seed=2, flip=0.5, groups=groups)
-    batch = collate([grouped[i] for i in range(6)])
-    assert batch["sam"].shape[0] == batch["clip"].shape[0] == len(set(groups[:6])) < 6
-    assert batch["mask"].shape[0] == 6 and batch["image_index"].tolist() == [groups[i] - groups[0] for i in range(6)]
-    items = [grouped[i] for i in range(6)]
-    for it in items:
-        del it["image"]
-    repeated = collate(items)  # every sentence with its own copy of the image
-    assert repeated["sam"].shape[0] == 6 and "image_index" not in repeated
-    calls = []
-    enc = model.sam.image_encoder
-    orig = enc.forward
-    monkeypatch.setattr(enc, "forward", lambda x: calls.append(x.shape[0]) or orig(x))
-    with torch.no_grad():
-        a = _forward(model, batch, tok, torch.device("cpu"))
-        b = _forward(model, repeated, tok, torch.device("cpu"))
-    assert calls == [batch["sam"].shape[0], 6]
-    assert torch.allclose(a.logits, b.logits, atol=1e-5) and torch.allclose(a.box, b.box, atol=1e-6)
-    res = train(_cfg(tmp_path, epochs=1, sentences_per_image=3, batch_size=6, save_checkpoints=False),
-                train_set=data, val_set=None)
-    assert res.steps >= 1 and math.isfinite(res.history[0]["train/total"])
