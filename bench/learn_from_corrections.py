@@ -22,6 +22,7 @@ Prints tables and writes ``--out`` (JSON). Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -44,7 +45,7 @@ if str(ROOT) not in sys.path:
 
 from backend.labelstudio.brush import region_mask  # noqa: E402
 from ssp_sam.metrics import iou  # noqa: E402
-from backend.learning.finetune import FinetuneConfig, is_heldout, run_once  # noqa: E402
+from backend.learning.finetune import add_round_arguments, config_from_args, is_heldout, run_once  # noqa: E402
 from tests.fakes import wait_until_idle  # noqa: E402
 from tests.payloads import TEST_LABEL_CONFIG, annotation_event  # noqa: E402
 
@@ -174,30 +175,12 @@ def fresh_eval(scenes, variant: str, parent_path: str | None, published_path: st
     return out
 
 
-def _flag(value: str) -> bool:
-    return value.lower() in ("1", "true", "yes")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200, help="corrections to send")
     ap.add_argument("--seed", type=int, default=2026)
-    ap.add_argument("--heldout", type=float, default=0.2)
-    ap.add_argument("--epochs", type=int, default=None, help="default: FinetuneConfig's (what `ssp-sam finetune` uses)")
-    ap.add_argument("--max-steps", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=None, help="default: FinetuneConfig's")
-    ap.add_argument("--lr-decoder", type=float, default=None, help="default: FinetuneConfig's")
-    ap.add_argument("--train-sam-encoder", type=_flag, default=None,
-                    help="true/false (default: what the variant says; the demo trains its encoder)")
-    ap.add_argument("--aug-translate", type=_flag, default=True,
-                    help="random CLIP placement (true/false)")
-    ap.add_argument("--patch-loss-weight", type=float, default=None,
-                    help="auxiliary referent-patch loss weight (default: FinetuneConfig's, the variant's preset)")
-    ap.add_argument("--patch-head-fit-steps", type=int, default=None, help="default: FinetuneConfig's")
-    ap.add_argument("--variant", default="demo")
-    ap.add_argument("--base-checkpoint", default=None, help="default: the packaged demo model")
-    ap.add_argument("--min-heldout", type=int, default=5)
+    add_round_arguments(ap, skip=("seed", "model_dir", "datastore_url"))   # the options of `ssp-sam finetune`
+    ap.set_defaults(min_heldout=5)
     ap.add_argument("--none-share", type=float, default=0.0,
                     help="share of no-target sentences, submitted without a region (default 0)")
     ap.add_argument("--ignore-empty", action="store_true",
@@ -207,7 +190,6 @@ def main(argv=None) -> int:
     ap.add_argument("--max-size", type=int, default=None)
     ap.add_argument("--model-dir", default=None, help="default: a temporary folder")
     ap.add_argument("--datastore-url", default=None)
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-served-eval", action="store_true", help="skip scoring /predict after the reload")
     ap.add_argument("--fresh-eval", type=int, default=300,
                     help="also score the base and the published model on this many fresh novel-domain scenes (same "
@@ -215,13 +197,14 @@ def main(argv=None) -> int:
                          "the held-out tasks (0: off)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "learn_from_corrections.json"))
     args = ap.parse_args(argv)
+    fcfg = dataclasses.replace(config_from_args(args, env={}), datastore_url=args.datastore_url)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("backend.serving.app", "backend.serving.model", "werkzeug", "urllib3", "label_studio_sdk"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.threads:
+    if fcfg.train.threads:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(fcfg.train.threads)
 
     from ssp_sam.data.synthetic import SyntheticConfig, SyntheticDataset
 
@@ -250,17 +233,17 @@ def main(argv=None) -> int:
         files[name] = _png(s.image)
         tasks.append({"id": tid, "project": PROJECT, "data": {"image": f"/data/{name}", "text": s.sentence}})
         truth[tid] = s.mask
-    held_ids = [t["id"] for t in tasks if is_heldout(t["id"], args.heldout, PROJECT)]
+    held_ids = [t["id"] for t in tasks if is_heldout(t["id"], fcfg.heldout_fraction, PROJECT)]
 
     env = {"MODEL_DIR": str(model_dir), "LABEL_STUDIO_URL": None, "LABEL_STUDIO_API_KEY": TOKEN,
-           "SSP_SAM_VARIANT": args.variant, "LOG_LEVEL": "WARNING", "RELOAD_INTERVAL_S": "0.5"}
-    if args.base_checkpoint:
-        env["SSP_SAM_CHECKPOINT"] = args.base_checkpoint
+           "SSP_SAM_VARIANT": fcfg.model.variant, "LOG_LEVEL": "WARNING", "RELOAD_INTERVAL_S": "0.5"}
+    if fcfg.model.checkpoint:
+        env["SSP_SAM_CHECKPOINT"] = fcfg.model.checkpoint
     if args.datastore_url:
         env["DATASTORE_URL"] = args.datastore_url
     if args.ignore_empty:
         env["EMPTY_ANNOTATION_IS_NO_TARGET"] = "false"
-    result: dict = {"machine": _machine(), "n": args.n, "seed": args.seed, "heldout_fraction": args.heldout,
+    result: dict = {"machine": _machine(), "n": args.n, "seed": args.seed, "heldout_fraction": fcfg.heldout_fraction,
                     "n_heldout_tasks": len(held_ids), "model_dir": str(model_dir), "args": vars(args)}
 
     with MediaServer(files) as media:
@@ -325,15 +308,7 @@ def main(argv=None) -> int:
             raise RuntimeError(f"failed events: {st['events']['failed_recent'][:3]}")
 
         # ---- 3. fine-tune and publish ----------------------------------------------------------------------------
-        given = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("lr_decoder", args.lr_decoder),
-                                   ("train_sam_encoder", args.train_sam_encoder),
-                                   ("patch_loss_weight", args.patch_loss_weight),
-                                   ("patch_head_fit_steps", args.patch_head_fit_steps)) if v is not None}
-        fcfg = FinetuneConfig(model_dir=str(model_dir), datastore_url=args.datastore_url, variant=args.variant,
-                              base_checkpoint=args.base_checkpoint, heldout_fraction=args.heldout,
-                              max_steps=args.max_steps, batch_size=args.batch_size, aug_translate=args.aug_translate,
-                              device="cpu", threads=args.threads,
-                              min_heldout=args.min_heldout, **given)
+        fcfg = dataclasses.replace(fcfg, model_dir=str(model_dir))
         rep = run_once(fcfg, store=store)
         if rep.get("decision") == "skipped":
             raise SystemExit(f"the fine-tuning round was skipped: {rep.get('reason')}")
@@ -365,7 +340,7 @@ def main(argv=None) -> int:
     if args.fresh_eval > 0:
         fresh = SyntheticDataset(args.fresh_eval, seed=args.seed + 100_000, config=SyntheticConfig(**syn_kw))
         # "before" is the model the round fine-tuned from: the base, or the version already published in --model-dir
-        result["fresh"] = fresh_eval(fresh, args.variant, rep["parent"]["path"],
+        result["fresh"] = fresh_eval(fresh, fcfg.model.variant, rep["parent"]["path"],
                                      rep.get("version_path") if rep.get("decision") == "published" else None)
     result["total_s"] = round(time.time() - t_all, 1)
     print_tables(result)

@@ -49,6 +49,16 @@ def from_rank0(value: float) -> float:
     return float(t.item())
 
 
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` (picklable) on every rank: what rank 0 decided, every rank does."""
+    _, world = rank_and_world()
+    if world <= 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` in one process."""
     _, world = rank_and_world()
@@ -59,4 +69,4 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-__all__ = ["rank_and_world", "init_distributed", "from_rank0", "gather_objects"]
+__all__ = ["rank_and_world", "init_distributed", "from_rank0", "broadcast_object", "gather_objects"]

@@ -1,4 +1,4 @@
-"""Run a real Label Studio 1.23.2 headless on 127.0.0.1 (protocol doc §12): used by the e2e test and by
+"""Run a real Label Studio 1.23.2 headless on 127.0.0.1 (docs/label-studio.md): used by the e2e test and by
 scripts/capture_ls_webhooks.py."""
 
 from __future__ import annotations

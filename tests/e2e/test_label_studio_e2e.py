@@ -1,6 +1,6 @@
 """End to end against a real Label Studio 1.23.2 (headless, SQLite, 127.0.0.1) and this backend in a subprocess.
 
-Sequence (protocol doc §12): start LS (fresh data dir, pre-migrated template DB) and the backend (gunicorn with 2
+Sequence: start LS (fresh data dir, pre-migrated template DB) and the backend (gunicorn with 2
 workers, or ``ssp-sam serve --dev`` with E2E_BACKEND_SERVER=dev; MODEL_DIR in tmp, no LS URL/token in its env: it must use what LS sends in /setup) -> create a project with
 the recommended config -> upload synthetic scenes with known masks and import tasks with sentences -> connect the
 backend (``is_interactive``) -> "Retrieve predictions" -> predictions stored, RLE decodes at the natural size, IoU
@@ -357,7 +357,7 @@ def test_label_studio_end_to_end(servers):
 
 
 def _personal_access_token(ls: str) -> str:
-    """Log in like a browser and create a personal access token (JWT refresh token), protocol doc §12.3."""
+    """Log in like a browser and create a personal access token (a JWT refresh token) at ``/api/token/``."""
     s = requests.Session()
     s.get(ls + "/user/login/", timeout=10)
     csrf = s.cookies.get("csrftoken")

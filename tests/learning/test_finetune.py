@@ -16,8 +16,11 @@ from PIL import Image
 from backend.learning.corrections import CorrectionWorker
 from tests.payloads import annotation_event
 from backend.learning.datastore import open_datastore
-from backend.learning.finetune import (FinetuneConfig, is_heldout, read_pointer, register_cli, run_once, split_samples,
-                              watch)
+from backend.learning import versions
+from backend.learning.finetune import (FinetuneConfig, config_from_args, is_heldout, register_cli,
+                                       round_patch_loss_weight, run_once, split_samples, watch)
+from ssp_sam.build import ModelConfig
+from ssp_sam.train import config_from_preset
 
 LS = "http://ls.test"
 
@@ -62,10 +65,12 @@ def tiny_base(tmp_path_factory):
     return str(path)
 
 
-def _cfg(tmp_path, base, **kw) -> FinetuneConfig:
-    d = dict(model_dir=str(tmp_path), variant="tiny", base_checkpoint=base, heldout_fraction=0.3, min_train=2,
-             min_heldout=1, epochs=1, max_steps=2, batch_size=4, lr=1e-3, lr_decoder=1e-3, device="cpu",
-             curve_every=1, eval_batch_size=8)
+def _cfg(tmp_path, base, train=None, **kw) -> FinetuneConfig:
+    """A CPU-sized round on the tiny variant: one epoch of at most two steps."""
+    recipe = dict(epochs=1, max_steps=2, batch_size=4, lr=1e-3, lr_decoder=1e-3, eval_batch_size=8, **(train or {}))
+    d = dict(model_dir=str(tmp_path), heldout_fraction=0.3, min_train=2, min_heldout=1, curve_every=1,
+             model=ModelConfig(variant="tiny", checkpoint=base, device="cpu"),
+             train=config_from_preset("finetune", **recipe))
     d.update(kw)
     return FinetuneConfig(**d)
 
@@ -86,7 +91,7 @@ def test_round_publishes_then_skips_then_rejects(tmp_path, tiny_base, requests_m
     store.enqueue_event("START_TRAINING", {"action": "START_TRAINING", "project": {"id": 1}})
     CorrectionWorker(store, lambda u, t: b"").drain()
     assert len(store.pending_training_requests()) == 1
-    assert read_pointer(_cfg(tmp_path, tiny_base)) is None
+    assert versions.read_current(tmp_path) is None
 
     # 1) tolerance 1.0: always good enough -> published, pointer written, claim completed, request handled
     rep = run_once(_cfg(tmp_path, tiny_base, tolerance=1.0), store=store)
@@ -140,7 +145,7 @@ def test_failed_round_releases_the_claim(tmp_path, tiny_base, requests_mock, mon
     seen = []
     monkeypatch.setattr(ssp_sam.train, "train", lambda cfg, *a, **k: seen.append(cfg) or boom())
     with pytest.raises(RuntimeError):
-        run_once(_cfg(tmp_path, tiny_base, aug_translate=False), store=store)
+        run_once(_cfg(tmp_path, tiny_base, train={"aug_translate": False}), store=store)
     assert seen[0].aug_translate is False  # the round's options reach the trainer
     assert (seen[0].patch_loss_weight, seen[0].patch_head_fit_steps) == (0.0, 200)  # tiny's preset: no patch loss
     assert store.count_new_samples() == 8  # nothing lost
@@ -148,14 +153,37 @@ def test_failed_round_releases_the_claim(tmp_path, tiny_base, requests_mock, mon
     store.close()
 
 
-def test_patch_loss_weight_follows_the_variants_training_preset():
-    from backend.learning.finetune import FinetuneConfig, resolve_patch_loss_weight
+def test_patch_loss_weight_is_the_start_models_own():
+    """A round fine-tunes with the objective its start model was trained with, read from the bundle: the demo's
+    20; none recorded (official checkpoints, the tiny test bundle) means 0; a configured weight wins."""
+    from ssp_sam.build import load_model
 
-    assert resolve_patch_loss_weight(FinetuneConfig(), "demo") == 20.0  # the demo was trained with it
-    assert resolve_patch_loss_weight(FinetuneConfig(), "ssp-sam-224") == 0.0  # the official recipe has none
-    assert resolve_patch_loss_weight(FinetuneConfig(), "ssp-sam-336-vit-b") == 0.0
-    assert resolve_patch_loss_weight(FinetuneConfig(patch_loss_weight=0), "demo") == 0.0
-    assert resolve_patch_loss_weight(FinetuneConfig(patch_loss_weight=5), "ssp-sam-224") == 5.0
+    demo = load_model(ModelConfig(variant="demo", device="cpu"))
+    official_like = type("Loaded", (), {"meta": {}})()
+    assert round_patch_loss_weight(FinetuneConfig(), demo) == 20.0
+    assert round_patch_loss_weight(FinetuneConfig(), official_like) == 0.0
+    assert round_patch_loss_weight(FinetuneConfig(patch_loss_weight=0), demo) == 0.0
+    assert round_patch_loss_weight(FinetuneConfig(patch_loss_weight=5), official_like) == 5.0
+
+
+def test_options_come_from_the_environment_then_the_command_line(tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers(dest="command"))
+    env = {"MODEL_DIR": str(tmp_path / "md"), "SSP_SAM_VARIANT": "tiny", "DEVICE": "cpu",
+           "DATASTORE_URL": "postgresql://u@db/x"}
+    cfg = config_from_args(parser.parse_args(["finetune"]), env)
+    assert (cfg.model_dir, cfg.datastore_url, cfg.model.variant, cfg.model.device) == (
+        str(tmp_path / "md"), "postgresql://u@db/x", "tiny", "cpu")
+    assert cfg.train == config_from_preset("finetune") and cfg.patch_loss_weight is None
+    cfg = config_from_args(parser.parse_args(["finetune", "--model-dir", "elsewhere", "--base-checkpoint", "b.pt",
+                                              "--epochs", "3", "--no-aug-translate", "--heldout", "0.5"]), env)
+    assert (cfg.model_dir, cfg.model.checkpoint, cfg.train.epochs, cfg.train.aug_translate, cfg.heldout_fraction) == (
+        "elsewhere", "b.pt", 3, False, 0.5)
+    assert cfg.train.lr == config_from_preset("finetune").lr       # what was not given keeps the preset's value
+    with pytest.raises(SystemExit):
+        parser.parse_args(["finetune", "--aug-translate", "maybe"])
 
 
 def test_cli_and_watch(tmp_path, tiny_base, requests_mock, monkeypatch):
@@ -168,8 +196,6 @@ def test_cli_and_watch(tmp_path, tiny_base, requests_mock, monkeypatch):
                               "--base-checkpoint", tiny_base, "--heldout", "0.3", "--max-steps", "1",
                               "--min-train", "2", "--min-heldout", "1", "--device", "cpu", "--tolerance", "1"])
     assert args.heldout_fraction == 0.3 and args.max_steps == 1 and args.tolerance == 1.0
-    flags = parser.parse_args(["finetune", "--once", "--aug-translate", "false"])
-    assert (flags.aug_translate, flags.patch_loss_weight) == (False, None)
     flags = parser.parse_args(["finetune", "--patch-loss-weight", "0", "--patch-head-fit-steps", "50"])
     assert (flags.patch_loss_weight, flags.patch_head_fit_steps) == (0.0, 50)
     # no samples: a skipped round is a success (exit 0)

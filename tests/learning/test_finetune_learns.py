@@ -16,7 +16,10 @@ from PIL import Image
 from backend.learning.corrections import CorrectionWorker
 from tests.payloads import annotation_event
 from backend.learning.datastore import open_datastore
-from backend.learning.finetune import FinetuneConfig, read_pointer, run_once
+from backend.learning import versions
+from backend.learning.finetune import FinetuneConfig, run_once
+from ssp_sam.build import ModelConfig
+from ssp_sam.train import config_from_preset
 
 LS = "http://ls.test"
 N_CORRECTIONS = int(os.environ.get("FINETUNE_CI_N", "40"))
@@ -60,10 +63,11 @@ def test_demo_model_learns_from_a_few_corrections(tmp_path, requests_mock):
     assert store.stats()["samples"]["active"] == N_CORRECTIONS
 
     base = _demo_bundle()
-    fcfg = FinetuneConfig(model_dir=str(tmp_path), variant="demo", base_checkpoint=base, heldout_fraction=0.25, min_heldout=4,
-                          epochs=EPOCHS, batch_size=BATCH, lr=LR, lr_decoder=LR, device="cpu", curve_every=0,
-                          seed=1)
-    assert read_pointer(fcfg) is None
+    fcfg = FinetuneConfig(model_dir=str(tmp_path), heldout_fraction=0.25, min_heldout=4, curve_every=0,
+                          model=ModelConfig(variant="demo", checkpoint=base, device="cpu"),
+                          train=config_from_preset("finetune", epochs=EPOCHS, batch_size=BATCH, lr=LR, lr_decoder=LR,
+                                                   lr_min=LR / 100, seed=1))
+    assert versions.read_current(tmp_path) is None
     rep = run_once(fcfg, store=store)
     before, after = rep["before"]["mIoU"], rep["after"]["mIoU"]
     print(f"held-out mIoU {before:.3f} -> {after:.3f} on {rep['n_heldout']} samples, {rep['steps']} steps, "
