@@ -13,7 +13,7 @@ def configure_logging(level: str = "INFO") -> None:
     if not root.handlers:
         logging.basicConfig(level=lvl, format=FORMAT)
     root.setLevel(lvl)
-    # the SDK logs every resolved media URL at INFO; keep that (and urllib3) quieter unless debugging
+    # the SDK logs every resolved media URL at INFO and Alembic two lines per datastore opened: quieter unless debugging
     if lvl > logging.DEBUG:
-        for name in ("label_studio_sdk", "urllib3", "werkzeug"):
+        for name in ("label_studio_sdk", "urllib3", "werkzeug", "alembic"):
             logging.getLogger(name).setLevel(max(lvl, logging.WARNING))

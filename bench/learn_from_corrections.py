@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:
 from backend.labelstudio.brush import region_mask  # noqa: E402
 from ssp_sam.metrics import iou  # noqa: E402
 from backend.learning.finetune import add_round_arguments, config_from_args, is_heldout, run_once  # noqa: E402
+from bench.common import machine, write_json  # noqa: E402
 from tests.fakes import wait_until_idle  # noqa: E402
 from tests.payloads import TEST_LABEL_CONFIG, annotation_event  # noqa: E402
 
@@ -178,7 +179,10 @@ def fresh_eval(scenes, variant: str, parent_path: str | None, published_path: st
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200, help="corrections to send")
-    ap.add_argument("--seed", type=int, default=2026)
+    ap.add_argument("--seed", dest="data_seed", type=int, default=2026,
+                    help="draw of the corrections (and of the fresh scenes); the round's training seed is --train-seed")
+    ap.add_argument("--train-seed", dest="seed", type=int, default=argparse.SUPPRESS,
+                    help="the round's training seed (default: the finetune preset's, 3407)")
     add_round_arguments(ap, skip=("seed", "model_dir", "datastore_url"))   # the options of `ssp-sam finetune`
     ap.set_defaults(min_heldout=5)
     ap.add_argument("--none-share", type=float, default=0.0,
@@ -224,7 +228,7 @@ def main(argv=None) -> int:
         syn_kw["min_size"] = args.min_size
     if args.max_size:
         syn_kw["max_size"] = args.max_size
-    data = SyntheticDataset(args.n, seed=args.seed, config=SyntheticConfig(**syn_kw))
+    data = SyntheticDataset(args.n, seed=args.data_seed, config=SyntheticConfig(**syn_kw))
     files, tasks, truth = {}, [], {}
     for i in range(args.n):
         s = data[i]
@@ -243,7 +247,7 @@ def main(argv=None) -> int:
         env["DATASTORE_URL"] = args.datastore_url
     if args.ignore_empty:
         env["EMPTY_ANNOTATION_IS_NO_TARGET"] = "false"
-    result: dict = {"machine": _machine(), "n": args.n, "seed": args.seed, "heldout_fraction": fcfg.heldout_fraction,
+    result: dict = {"machine": machine(), "n": args.n, "seed": args.data_seed, "heldout_fraction": fcfg.heldout_fraction,
                     "n_heldout_tasks": len(held_ids), "model_dir": str(model_dir), "args": vars(args)}
 
     with MediaServer(files) as media:
@@ -338,25 +342,15 @@ def main(argv=None) -> int:
         result["version_stats"] = store.version_stats()
         rt.stop()
     if args.fresh_eval > 0:
-        fresh = SyntheticDataset(args.fresh_eval, seed=args.seed + 100_000, config=SyntheticConfig(**syn_kw))
+        fresh = SyntheticDataset(args.fresh_eval, seed=args.data_seed + 100_000, config=SyntheticConfig(**syn_kw))
         # "before" is the model the round fine-tuned from: the base, or the version already published in --model-dir
         result["fresh"] = fresh_eval(fresh, fcfg.model.variant, rep["parent"]["path"],
                                      rep.get("version_path") if rep.get("decision") == "published" else None)
     result["total_s"] = round(time.time() - t_all, 1)
     print_tables(result)
-    out.write_text(json.dumps(result, indent=2, default=str))
+    write_json(out, result)
     print(f"\nwritten {out}")
     return 0
-
-
-def _machine() -> dict:
-    import platform
-
-    import torch
-
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "device": "cuda" if torch.cuda.is_available() else "cpu", "python": platform.python_version()}
 
 
 def print_tables(r: dict) -> None:

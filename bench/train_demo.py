@@ -19,12 +19,17 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-ASSET = Path(__file__).resolve().parents[1] / "ssp_sam" / "assets" / "ssp_sam_demo.pt"
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/train_demo.py` puts bench/ first, not the repository
+    sys.path.insert(0, str(ROOT))
+
+ASSET = ROOT / "ssp_sam" / "assets" / "ssp_sam_demo.pt"
 
 
 def main() -> int:
@@ -38,6 +43,7 @@ def main() -> int:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from bench.common import write_json
     from ssp_sam.build import ModelConfig, load_model
     from ssp_sam.data.datasets import load_dataset
     from ssp_sam.metrics import format_table
@@ -79,7 +85,7 @@ def main() -> int:
               "bundle_bytes": Path(result.best_path).stat().st_size, "torch_threads": torch.get_num_threads(),
               "processes": int(os.environ.get("WORLD_SIZE", "1"))}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "demo_report.json").write_text(json.dumps(report, indent=1))
+    write_json(Path(args.out) / "demo_report.json", report)
     if not args.no_install:
         shutil.copyfile(result.best_path, ASSET)
         print(f"installed {ASSET} ({ASSET.stat().st_size / 1e6:.1f} MB)")

@@ -1,6 +1,6 @@
 """``ssp-sam check-golden DIR``: numerical parity with the official implementation.
 
-A golden folder (see ``shared/golden/README.md`` for the format) holds reference outputs of the official SSP-SAM
+A golden folder (its layout: docs/model.md, "Parity") holds reference outputs of the official SSP-SAM
 code run on deterministic synthetic weights. This check reads only that folder: it regenerates the weights by the
 folder's rule (``rule.md``: a pure function of salt, key and shape), writes them in the official file formats (an
 OpenAI CLIP state dict named ``CS-*.pt`` and an official SSP-SAM checkpoint with a ``model`` key), loads them through

@@ -1,4 +1,4 @@
-"""Referring-segmentation metrics with the official GRES conventions (ssp-sam-model.md §8 and §12).
+"""Referring-segmentation metrics with the official GRES conventions (the official evaluation code of SSP-SAM).
 
 Per sample (binary prediction P, ground truth G):
 

@@ -1,4 +1,5 @@
-"""Parity with the official implementation (shared/golden) and the predict CLI's output files."""
+"""Parity with the official implementation (the golden folder of SSP_SAM_GOLDEN_DIR) and the predict CLI's output
+files."""
 
 import numpy as np
 import pytest
