@@ -46,7 +46,8 @@ if str(ROOT) not in sys.path:
 from backend.labelstudio.brush import region_mask  # noqa: E402
 from ssp_sam.metrics import iou  # noqa: E402
 from backend.learning.finetune import add_round_arguments, config_from_args, is_heldout, run_once  # noqa: E402
-from bench.common import machine, write_json  # noqa: E402
+from bench.common import machine, portable, write_json  # noqa: E402
+from ssp_sam.io import write_text_atomic  # noqa: E402
 from tests.fakes import wait_until_idle  # noqa: E402
 from tests.payloads import TEST_LABEL_CONFIG, annotation_event  # noqa: E402
 
@@ -324,10 +325,11 @@ def main(argv=None) -> int:
         result["heldout_after"] = {k: rep["after"].get(k) for k in keys}
         result["report"] = str(model_dir / "runs" / rep["run_id"] / "report.json")
         # keep the trainer's report and curve beside --out (the model dir may be temporary)
-        for name, suffix in (("report.json", "_report.json"), ("curve.png", "_curve.png")):
-            src = model_dir / "runs" / rep["run_id"] / name
-            if src.exists():
-                shutil.copyfile(src, out.with_name(out.stem + suffix))
+        run_dir = model_dir / "runs" / rep["run_id"]
+        write_text_atomic(out.with_name(out.stem + "_report.json"),
+                          json.dumps(portable(json.loads((run_dir / "report.json").read_text())), indent=2))
+        if (run_dir / "curve.png").exists():
+            shutil.copyfile(run_dir / "curve.png", out.with_name(out.stem + "_curve.png"))
 
         # ---- 4. the backend reloads the published version; /predict again on held-out tasks ---------------------
         if rep.get("decision") == "published" and not args.no_served_eval:
