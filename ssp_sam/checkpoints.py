@@ -318,13 +318,6 @@ def is_bundle(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("format") == BUNDLE_FORMAT
 
 
-def read_bundle(path: str | Path) -> dict:
-    obj = read_checkpoint(path)
-    if not is_bundle(obj):
-        raise CheckpointError(f"{path}: not an SSP-SAM bundle (format {BUNDLE_FORMAT})")
-    return obj
-
-
 def load_bundle_weights(model, bundle: dict, strict: bool = True) -> LoadReport:
     report = LoadReport()
     _assign(model, bundle["model"], report)

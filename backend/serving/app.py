@@ -129,6 +129,11 @@ class Runtime:
             logger.error("correction worker not started: %s: %s", type(exc).__name__, exc)
             self._worker = None
 
+    def notify_worker(self) -> None:
+        """Wake this process's correction worker now (it also polls on its own)."""
+        if self._worker is not None:
+            self._worker.notify()
+
     def stop(self) -> None:
         worker, self._worker = self._worker, None
         if worker is not None:
@@ -292,6 +297,7 @@ def webhook():
         return jsonify({"status": "Unknown event"}), 200
     event_id = rt.require_store().enqueue_event(action, data)   # durable; the correction worker does the rest
     rt.metrics.inc("events_enqueued")
+    rt.notify_worker()
     return jsonify({"status": "ok", "event_id": event_id}), 201
 
 

@@ -15,8 +15,11 @@ class FakeWorker:
 
     def __init__(self, store, media, config):
         self.store, self.media, self.config = store, media, config
-        self.started = self.stopped = 0
+        self.started = self.stopped = self.notified = 0
         FakeWorker.instances.append(self)
+
+    def notify(self):
+        self.notified += 1
 
     def start(self):
         self.started += 1
@@ -39,6 +42,7 @@ def test_correction_worker_started_once_lazily_and_stopped(tmp_path):
     assert len(FakeWorker.instances) == 1
     w = FakeWorker.instances[0]
     assert w.started == 1 and w.store is store and hasattr(w.media, "fetch")
+    assert w.notified == 3                                  # every queued event wakes the worker at once
     app.extensions["ssp_sam"].stop()
     assert w.stopped == 1
 
