@@ -67,3 +67,23 @@ def ls_media(requests_mock):
         return f"/data/upload/{project}/{name}"
 
     return add
+
+
+# ---------------------------------------------------------------------- reliability record
+# docs/reliability.md is generated from the test run: tests of hostile input, slow clients and faults record each case
+# (what was sent, what came back) through this fixture; `scripts/reliability_report.py` runs them and renders the page.
+RELIABILITY_LOG = os.environ.get("RELIABILITY_LOG")
+
+
+@pytest.fixture
+def reliability(request):
+    """``reliability(area, case, sent, got)``: record one case for docs/reliability.md (a no-op unless the
+    RELIABILITY_LOG environment variable names the JSON-lines file to append to)."""
+    import json
+
+    def record(area: str, case: str, sent: str, got: str) -> None:
+        if RELIABILITY_LOG:
+            with open(RELIABILITY_LOG, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"area": area, "case": case, "sent": sent, "got": got,
+                                    "test": request.node.nodeid}) + "\n")
+    return record
