@@ -23,11 +23,9 @@ event's result; the rest of the annotation is kept.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -41,6 +39,7 @@ from backend.labelstudio.label_config import LabelConfigError, parse_label_confi
 from backend.labelstudio.prompts import DEFAULT_PROMPT_FIELDS, region_sentence
 from backend.labelstudio.records import RecordUnavailable
 from backend.learning.datastore import EVENT_IGNORED, ORIGINS, Datastore
+from backend.learning.leases import is_dead_local_owner, new_owner_id
 from ssp_sam.images import image_size
 from ssp_sam.metrics import iou
 
@@ -68,7 +67,8 @@ class WorkerConfig:
     backoff_max_s: float = 300.0
     poll_interval_s: float = 1.0       # idle wait between inbox polls (``notify()`` wakes the thread early)
     batch_size: int = 16
-    lease_s: float = 300.0             # an event taken by a worker that dies is retried after this
+    lease_s: float = 60.0              # an event's lease; renewed every lease_s / 3 while the worker lives, so a worker
+                                       # that dies frees it within lease_s (at once for a process of this host)
     prompt_fields: tuple = DEFAULT_PROMPT_FIELDS
     min_mask_pixels: int = 1
     empty_annotation_is_no_target: bool = True  # no brush region + a sentence -> a no-target sample (empty mask)
@@ -90,7 +90,7 @@ class CorrectionWorker:
         self.store = store
         self.fetch_image = as_image_fetcher(media_fetcher)
         self.config = config or WorkerConfig()
-        self.worker_id = self.config.worker_id or f"worker-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.worker_id = self.config.worker_id or new_owner_id("worker")
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -122,6 +122,9 @@ class CorrectionWorker:
         self._wake.set()
 
     def _run(self) -> None:
+        self.recover_dead_workers()
+        heartbeat = threading.Thread(target=self._renew_leases, name="ssp-sam-corrections-lease", daemon=True)
+        heartbeat.start()
         while not self._stop.is_set():
             try:
                 n = self.process_pending(self.config.batch_size)
@@ -132,6 +135,27 @@ class CorrectionWorker:
             if n == 0:
                 self._wake.wait(self.config.poll_interval_s)
                 self._wake.clear()
+
+    def _renew_leases(self) -> None:
+        """Heartbeat: keep the leases of the events being processed alive while this worker lives."""
+        while not self._stop.wait(self.config.lease_s / 3):
+            try:
+                self.store.renew_event_leases(self.worker_id, self.config.lease_s)
+            except Exception as exc:  # database hiccup: the next beat tries again
+                log.warning("renewing event leases failed: %s", exc)
+
+    def recover_dead_workers(self) -> int:
+        """Give the events held by workers of this host that are gone (killed, crashed) back to the inbox now,
+        rather than after their lease. Returns how many events came back."""
+        try:
+            dead = [o for o in self.store.event_lease_owners() if is_dead_local_owner(o)]
+            n = self.store.release_event_leases(dead)
+        except Exception as exc:
+            log.warning("could not check for events of dead workers: %s", exc)
+            return 0
+        if n:
+            log.warning("%d event(s) held by %d dead worker process(es) handed back to the inbox", n, len(dead))
+        return n
 
     # -- processing ---------------------------------------------------------------------------------------------------
     def process_pending(self, limit: int | None = None) -> int:

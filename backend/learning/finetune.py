@@ -32,8 +32,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import socket
 import sys
 import threading
 import time
@@ -45,6 +43,7 @@ from typing import Any, Mapping, Sequence
 from backend.config import BackendConfig, ConfigError
 from backend.learning import versions
 from backend.learning.datastore import ClaimLost, open_datastore
+from backend.learning.leases import is_dead_local_owner, new_owner_id
 from ssp_sam.build import ModelConfig
 from ssp_sam.io import atomic_write, write_text_atomic
 from ssp_sam.options import (add_dataclass_arguments, add_model_args, model_config_from_args, opt,
@@ -80,8 +79,9 @@ class FinetuneConfig:
     patch_loss_weight: float | None = opt(None, "weight of the auxiliary referent-patch loss (default: the weight the "
                                                 "start model was trained with, from its bundle; 0 for official weights)")
     curve_every: int = opt(1, "score held-out mIoU every this many epochs for the report's curve (0: off)")
-    lease_s: float = opt(1800.0, "claim lease in seconds, renewed by a heartbeat while the round runs")
-    trainer_id: str | None = opt(None, "this trainer's name in the datastore (default: host-pid)")
+    lease_s: float = opt(300.0, "claim lease in seconds, renewed every third of it while the round runs (a trainer "
+                                "that dies frees its samples within this; at once for the next trainer on its host)")
+    trainer_id: str | None = opt(None, "this trainer's name in the datastore (default: trainer:host:pid:random)")
     every_samples: int = opt(50, "--watch: start a round when this many new samples wait")
     every_minutes: float = opt(60.0, "--watch: start a round after this many minutes if anything is new")
     poll_s: float = opt(10.0, "--watch: seconds between datastore polls")
@@ -214,7 +214,7 @@ def run_once(cfg: FinetuneConfig, store=None, force: bool = False) -> dict:
     run_id = broadcast_object(f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}")
     own_store = store is None
     store = store or open_datastore(cfg.datastore_url, cfg.model_dir)
-    trainer_id = cfg.trainer_id or f"{socket.gethostname()}-{os.getpid()}"
+    trainer_id = cfg.trainer_id or new_owner_id("trainer")
     report: dict[str, Any] = {"run_id": run_id, "trainer_id": trainer_id, "world_size": world,
                               "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                               "config": dataclasses.asdict(cfg)}
@@ -251,6 +251,7 @@ def run_once(cfg: FinetuneConfig, store=None, force: bool = False) -> dict:
 def _plan_round(cfg: FinetuneConfig, store, run_id: str, trainer_id: str, report: dict, force: bool):
     """Rank 0: claim the new samples, split every active sample into train / held-out, and say whether the round
     can run (``plan["skip"]`` is the reason when it cannot)."""
+    recover_dead_trainers(store)
     requests = store.pending_training_requests()
     claim = store.claim_samples(trainer_id, cfg.lease_s)
     rows = store.list_samples(active=True)
@@ -268,6 +269,22 @@ def _plan_round(cfg: FinetuneConfig, store, run_id: str, trainer_id: str, report
         store.start_run(run_id, trainer_id, claim.claim_id or None, None)
     plan = {"skip": reason, "train": [dict(r) for r in train_rows], "held": [dict(r) for r in held_rows]}
     return plan, claim
+
+
+def recover_dead_trainers(store) -> int:
+    """Release the claims of trainers of this host that are gone (``kill -9`` mid-round) so their samples are new
+    again now, not after the lease; their runs are recorded as failed. Returns how many claims were released."""
+    released = 0
+    for claim in store.active_claims():
+        if is_dead_local_owner(claim["trainer_id"]):
+            store.release_claim(claim["claim_id"], note="the trainer process is gone")
+            released += 1
+    for run in store.list_runs():
+        if run["status"] == "running" and is_dead_local_owner(run["trainer_id"]):
+            store.finish_run(run["run_id"], "failed", False, None, "the trainer process died", {})
+    if released:
+        log.warning("released %d claim(s) of trainer processes that are gone", released)
+    return released
 
 
 def _skip_round(store, run_id: str, trainer_id: str, claim, reason: str, report: dict) -> None:

@@ -72,9 +72,11 @@ class SSPSAMBackend:
             chunk = range(start, min(len(tasks), start + batch))
             self._predict_chunk(spec, served, tasks, chunk, context, results, messages, progress)
         message = None
-        if is_interactive(context) and results and not results[0]["result"]:
-            message = messages[0] if messages else "no object found for this sentence"
-            results[0]["message"] = message
+        if is_interactive(context) and results and not results[0].get("result"):
+            # the editor shows the message of an interactive call; it needs a result list, even an empty one
+            first = results[0]
+            message = first.get("error") or (messages[0] if messages else "no object found for this sentence")
+            first.update(result=[], message=message)
         return ModelResponse(predictions=results, model_version=served.version, message=message)
 
     def _predict_chunk(self, spec: LabelingSpec, served, tasks: list, chunk: range, context, results: list,
@@ -199,10 +201,14 @@ class SSPSAMBackend:
         return {"result": result, "score": float(np.mean(scores)) if scores else 0.0, "model_version": version}, msg
 
     def _failed(self, version: str, task, i: int, n: int, message: str, logged: bool = False) -> dict:
+        """The answer for a task that could not be predicted: its reason, and no ``result``. Label Studio stores a
+        prediction only for an answer that has a ``result``, so the task stays without one and the next "Retrieve
+        predictions" tries it again (an empty result would be stored as the model's answer under this version, and
+        every later retrieval would skip the task)."""
         self.runtime.metrics.inc("task_errors")
         if not logged:
             logger.error("predict: task %d/%d (id %s) failed: %s", i + 1, n, _task_id(task), message)
-        return {"result": [], "score": 0.0, "model_version": version}
+        return {"score": 0.0, "model_version": version, "error": message}
 
 
 def _task_id(task) -> Any:

@@ -352,6 +352,9 @@ def test_label_studio_end_to_end(servers):
     for t in tasks:
         versions = sorted(p["model_version"] for p in call("GET", f"/api/predictions?task={t['id']}"))
         assert versions == sorted([setup_version, new_version]), versions
+    # the task whose image is gone was in that batch too: it failed with a reason and Label Studio stored nothing
+    # for it, so a later retrieval (once the image is back) predicts it
+    assert call("GET", f"/api/predictions?task={gone['id']}") == []
     print(f"trainer + hot reload to {new_version} + re-retrieve: {time.monotonic() - t2:.1f} s")
     print(f"e2e sequence: {time.monotonic() - t0:.1f} s")
 

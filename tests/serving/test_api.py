@@ -122,9 +122,12 @@ def test_one_bad_task_never_fails_the_batch(client, ls_media, requests_mock, mak
     assert r.status_code == 200
     res = r.get_json()["results"]
     assert len(res) == 6
-    assert [bool(x["result"]) for x in res] == [True, False, False, False, False, True]
-    for x in res:
-        assert set(x) == {"result", "score", "model_version"}
+    assert [bool(x.get("result")) for x in res] == [True, False, False, False, False, True]
+    assert set(res[0]) == set(res[5]) == {"result", "score", "model_version"}
+    # a failed task carries its reason and no result: Label Studio then stores no prediction for it, and the next
+    # "Retrieve predictions" tries it again
+    for x, reason in zip(res[1:5], ("HTTP 404", "cannot decode", "no 'image'", "JSON object")):
+        assert set(x) == {"score", "model_version", "error"} and reason in x["error"], x
 
 
 def test_predictor_failure_is_isolated_per_task(make_app, ls_media):
@@ -135,7 +138,8 @@ def test_predictor_failure_is_isolated_per_task(make_app, ls_media):
                                                               task(3, img, "left one")]))
     assert r.status_code == 200
     res = r.get_json()["results"]
-    assert [bool(x["result"]) for x in res] == [True, False, True]
+    assert [bool(x.get("result")) for x in res] == [True, False, True]
+    assert "error" in res[1] and "result" not in res[1]
 
 
 def test_no_target_gives_no_region(client, ls_media, store):

@@ -203,6 +203,30 @@ class Datastore:
                 .returning(*events.c)))
         return [_with_payload(r) for r in sorted(rows, key=lambda r: r["id"])]
 
+    def renew_event_leases(self, worker_id: str, lease_seconds: float) -> int:
+        """Extend the leases of every event ``worker_id`` is processing (its heartbeat). Returns how many."""
+        with self._tx() as conn:
+            return conn.execute(update(events).where(events.c.status == EVENT_PROCESSING,
+                                                     events.c.lease_owner == worker_id)
+                                .values(lease_until=_now() + float(lease_seconds))).rowcount
+
+    def event_lease_owners(self) -> list[str]:
+        """The workers holding events right now."""
+        with self._tx(write=False) as conn:
+            return [o for o in conn.execute(select(events.c.lease_owner).distinct()
+                                            .where(events.c.status == EVENT_PROCESSING)).scalars() if o]
+
+    def release_event_leases(self, owners: Iterable[str]) -> int:
+        """Hand the events of workers that are gone back to the inbox at once (their attempt still counts)."""
+        owners = [str(o) for o in owners]
+        if not owners:
+            return 0
+        with self._tx() as conn:
+            return conn.execute(update(events).where(events.c.status == EVENT_PROCESSING,
+                                                     events.c.lease_owner.in_(owners))
+                                .values(status=EVENT_PENDING, lease_owner=None, lease_until=None,
+                                        next_attempt_at=_now())).rowcount
+
     def mark_event_done(self, event_id: int, result: Mapping | None = None, status: str = EVENT_DONE) -> None:
         self._set_event(event_id, status=status, processed_at=_now(), result=canonical_json(result or {}),
                         last_error=None)
@@ -420,6 +444,12 @@ class Datastore:
             rows = _dicts(conn.execute(select(samples_t).where(samples_t.c.claim_id == claim_id)
                                        .order_by(samples_t.c.id)))
         return Claim(claim_id=claim_id, trainer_id=trainer_id, lease_until=now + lease_seconds, samples=rows)
+
+    def active_claims(self) -> list[dict]:
+        """The claims trainers hold right now (``claim_id``, ``trainer_id``, ``lease_until``, ``n_samples``)."""
+        with self._tx(write=False) as conn:
+            return _dicts(conn.execute(select(claims.c.claim_id, claims.c.trainer_id, claims.c.lease_until,
+                                              claims.c.n_samples).where(claims.c.status == "active")))
 
     def renew_claim(self, claim_id: str, lease_seconds: float = 1800.0) -> float:
         """Extend a live claim's lease (a heartbeat during long runs). Raises :class:`ClaimLost` if it is gone."""
