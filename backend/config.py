@@ -8,11 +8,13 @@ few plain names. ``docs/backend.md`` has the table of every variable with its de
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, fields
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
 from backend.labelstudio.prompts import DEFAULT_PROMPT_FIELDS
+from backend.labelstudio.protocol import url_origin
 from ssp_sam.options import parse_bool
 
 
@@ -65,6 +67,39 @@ def _bool(env, name, default: bool) -> bool:
         raise ConfigError(f"{name} must be a boolean (true/false), got {raw!r}") from None
 
 
+def _origins(name: str, raw: Optional[str]) -> tuple:
+    """A comma-separated list of origins (``http://ls:8080``) -> normalised origins (``protocol.url_origin``)."""
+    out = []
+    for item in (raw or "").split(","):
+        if not item.strip():
+            continue
+        origin = url_origin(item)
+        if origin is None:
+            raise ConfigError(f"{name} must list origins like http://ls:8080, got {item.strip()!r}")
+        out.append(origin)
+    return tuple(out)
+
+
+def _private_networks(name: str, raw: Optional[str]) -> Union[bool, tuple]:
+    """``true``/``false``, or a comma-separated list of networks (CIDR) -> True, False or a tuple of network strings."""
+    if raw is None:
+        return False
+    try:
+        return parse_bool(raw)
+    except ValueError:
+        pass
+    nets = []
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        try:
+            nets.append(str(ipaddress.ip_network(item.strip(), strict=False)))
+        except ValueError:
+            raise ConfigError(f"{name} must be true, false or a comma-separated list of networks such as "
+                              f"10.0.0.0/8, got {item.strip()!r}") from None
+    return tuple(nets)
+
+
 @dataclass(frozen=True)
 class BackendConfig:
     # --- Label Studio connection (label-studio-ml names) ---
@@ -74,6 +109,8 @@ class BackendConfig:
     basic_auth_pass: Optional[str] = None         # BASIC_AUTH_PASS
     webhook_secret: Optional[str] = None          # WEBHOOK_SECRET
     local_files_document_root: Optional[str] = None  # LOCAL_FILES_DOCUMENT_ROOT
+    label_studio_allowed_hosts: tuple = ()        # LABEL_STUDIO_ALLOWED_HOSTS (origins that may receive the
+                                                  # configured token when /setup names them; LABEL_STUDIO_URL unset)
     # --- server ---
     model_dir: str = "./model_dir"                # MODEL_DIR
     log_level: str = "INFO"                       # LOG_LEVEL
@@ -99,7 +136,10 @@ class BackendConfig:
     # --- media ---
     media_cache_dir: Optional[str] = None         # MEDIA_CACHE_DIR (default MODEL_DIR/media-cache)
     media_cache_mb: int = 1024                    # MEDIA_CACHE_MB
-    media_timeout_s: float = 30.0                 # MEDIA_TIMEOUT_S
+    media_timeout_s: float = 30.0                 # MEDIA_TIMEOUT_S (total per fetch: redirects, fallback, retry)
+    max_download_mb: int = 100                    # MAX_DOWNLOAD_MB (bytes after content decoding)
+    max_image_pixels: int = 50_000_000            # MAX_IMAGE_PIXELS (checked from the header, before decoding)
+    media_allow_private_networks: Union[bool, tuple] = False  # MEDIA_ALLOW_PRIVATE_NETWORKS (true or CIDR list)
     # --- corrections datastore (backend/learning/datastore/) ---
     datastore_url: Optional[str] = None           # DATASTORE_URL (default SQLite MODEL_DIR/corrections.db)
     empty_annotation_is_no_target: bool = True    # EMPTY_ANNOTATION_IS_NO_TARGET (a submitted annotation with a
@@ -128,6 +168,7 @@ class BackendConfig:
             basic_auth_pass=_get(env, "BASIC_AUTH_PASS"),
             webhook_secret=_get(env, "WEBHOOK_SECRET"),
             local_files_document_root=_get(env, "LOCAL_FILES_DOCUMENT_ROOT"),
+            label_studio_allowed_hosts=_origins("LABEL_STUDIO_ALLOWED_HOSTS", _get(env, "LABEL_STUDIO_ALLOWED_HOSTS")),
             model_dir=_get(env, "MODEL_DIR", default="./model_dir"),
             log_level=log_level,
             host=_get(env, "HOST", default="127.0.0.1"),
@@ -150,6 +191,10 @@ class BackendConfig:
             media_cache_dir=_get(env, "MEDIA_CACHE_DIR"),
             media_cache_mb=_int(env, "MEDIA_CACHE_MB", 1024, minimum=1),
             media_timeout_s=_float(env, "MEDIA_TIMEOUT_S", 30.0, minimum=0.1),
+            max_download_mb=_int(env, "MAX_DOWNLOAD_MB", 100, minimum=1),
+            max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 50_000_000, minimum=1),
+            media_allow_private_networks=_private_networks("MEDIA_ALLOW_PRIVATE_NETWORKS",
+                                                           _get(env, "MEDIA_ALLOW_PRIVATE_NETWORKS")),
             datastore_url=_get(env, "DATASTORE_URL"),
             empty_annotation_is_no_target=_bool(env, "EMPTY_ANNOTATION_IS_NO_TARGET", True),
         )

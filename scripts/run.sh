@@ -2,6 +2,7 @@
 # Run the backend with gunicorn on 127.0.0.1:${PORT:-9090} (demo model by default).
 # Creates .venv on first use. Every setting comes from the environment (docs/backend.md), e.g.
 #   LABEL_STUDIO_URL=http://127.0.0.1:8080 LABEL_STUDIO_API_KEY=... scripts/run.sh
+# Task images served from this machine or the local network (not through LS) need MEDIA_ALLOW_PRIVATE_NETWORKS=true.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

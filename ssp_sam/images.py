@@ -12,13 +12,30 @@ import numpy as np
 from PIL import Image, ImageOps
 
 
-def load_image(src) -> np.ndarray:
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")   # Pillow's modes of 16-bit grayscale files
+SIXTEEN_BIT_WHITE = 65535
+
+
+class ImageTooLarge(ValueError):
+    """A picture has more pixels than allowed; found from its header, before the pixels are decoded."""
+
+
+def check_pixels(width: int, height: int, max_pixels: int | None) -> None:
+    """Raise :class:`ImageTooLarge` when ``width x height`` exceeds ``max_pixels`` (None: no bound)."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLarge(f"{width}x{height} = {width * height:,} pixels, more than {max_pixels:,}")
+
+
+def load_image(src, max_pixels: int | None = None) -> np.ndarray:
     """Any picture -> RGB uint8 (H, W, 3), EXIF orientation applied (as browsers and Label Studio display it).
 
     Accepts a path, raw bytes, a PIL image or an array. Grayscale, palette, RGBA/LA (alpha dropped), CMYK and
-    16-bit / float images are converted to 8-bit RGB.
+    16-bit / float images are converted to 8-bit RGB; 16-bit values are scaled by the type's range (value / 257, as
+    browsers show them), never by the picture's own. With ``max_pixels`` a bigger picture raises
+    :class:`ImageTooLarge` before its pixels are decoded.
     """
     if isinstance(src, np.ndarray):
+        check_pixels(src.shape[1] if src.ndim > 1 else 1, src.shape[0], max_pixels)
         return _array_to_rgb(src)
     if isinstance(src, (bytes, bytearray)):
         img = Image.open(io.BytesIO(src))
@@ -28,20 +45,25 @@ def load_image(src) -> np.ndarray:
         img = src
     else:
         raise TypeError(f"cannot read an image from {type(src).__name__}")
+    check_pixels(*img.size, max_pixels)                # Image.open has read the header only
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if img.mode in _SIXTEEN_BIT_MODES:
+        return _array_to_rgb(np.asarray(img), white=SIXTEEN_BIT_WHITE)
+    if img.mode == "F":
         return _array_to_rgb(np.asarray(img))
     if img.mode != "RGB":
         img = img.convert("RGB")
     return np.asarray(img, dtype=np.uint8).copy()
 
 
-def image_size(src) -> tuple[int, int]:
+def image_size(src, max_pixels: int | None = None) -> tuple[int, int]:
     """(width, height) as browsers and Label Studio show the picture (EXIF orientation applied), read from the header
-    of a path or bytes without decoding the pixels."""
+    of a path or bytes without decoding the pixels. With ``max_pixels`` a bigger picture raises
+    :class:`ImageTooLarge`."""
     with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as img:
         w, h = img.size
         orientation = img.getexif().get(0x0112, 1)
+    check_pixels(w, h, max_pixels)
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
@@ -52,15 +74,27 @@ def image_digest(image: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
-    arr = np.asarray(arr)
-    if arr.dtype != np.uint8:
-        a = arr.astype(np.float64)
-        if np.issubdtype(arr.dtype, np.floating) and a.size and a.max() <= 1.0:
-            a = a * 255.0
-        elif a.size and a.max() > 255:  # 16-bit or wider: scale by the type's (or the data's) range
-            a = a * (255.0 / (65535.0 if a.max() <= 65535 else a.max()))
-        arr = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+def _to_uint8(arr: np.ndarray, white: int | None = None) -> np.ndarray:
+    """Values -> uint8. ``white``: the value shown as 255 (65535 for 16-bit pictures; uint16/int16 arrays always);
+    otherwise floats in [0, 1] are scaled by 255, and wider values by 65535 (or their maximum) only when some exceed
+    255."""
+    if arr.dtype == np.uint8:
+        return arr
+    if white is None and arr.dtype.kind in "ui" and arr.dtype.itemsize == 2:
+        white = SIXTEEN_BIT_WHITE
+    a = arr.astype(np.float64)
+    top = float(a.max()) if a.size else 0.0
+    if white is not None:
+        a = a * (255.0 / max(float(white), top))
+    elif np.issubdtype(arr.dtype, np.floating) and top <= 1.0:
+        a = a * 255.0
+    elif top > 255:
+        a = a * (255.0 / (65535.0 if top <= 65535 else top))
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def _array_to_rgb(arr: np.ndarray, white: int | None = None) -> np.ndarray:
+    arr = _to_uint8(np.asarray(arr), white)
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     if arr.ndim != 3:
@@ -74,4 +108,4 @@ def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-__all__ = ["load_image", "image_size", "image_digest"]
+__all__ = ["ImageTooLarge", "check_pixels", "load_image", "image_size", "image_digest"]

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch.nn import functional as F
+from torchvision.transforms.functional import resize, to_pil_image
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
@@ -22,13 +23,16 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def resized_hw(h: int, w: int, size: int) -> tuple[int, int]:
-    """SAM's ResizeLongestSide target size (int(x + 0.5) rounding)."""
-    return ResizeLongestSide.get_preprocess_shape(h, w, size)
+    """SAM's ResizeLongestSide target size (int(x + 0.5) rounding), at least 1 pixel per side: the short side of a
+    1x4000 picture would otherwise round to 0. Every other size is SAM's own."""
+    nh, nw = ResizeLongestSide.get_preprocess_shape(h, w, size)
+    return max(1, nh), max(1, nw)
 
 
 def sam_input(image: np.ndarray, size: int) -> torch.Tensor:
-    """RGB uint8 image -> (3, size, size) float: longest side resized, SAM-normalised, zero-padded bottom/right."""
-    resized = ResizeLongestSide(size).apply_image(image)
+    """RGB uint8 image -> (3, size, size) float: longest side resized, SAM-normalised, zero-padded bottom/right.
+    The resize is ``ResizeLongestSide.apply_image``'s, to the size of ``resized_hw``."""
+    resized = np.array(resize(to_pil_image(image), resized_hw(image.shape[0], image.shape[1], size)))
     x = torch.as_tensor(resized).permute(2, 0, 1).float()
     mean = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
     std = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
@@ -50,7 +54,7 @@ def clip_input(image: np.ndarray, size: int, placement: str | tuple[int, int] = 
     into a zero square, centred at test time or at a random place in training (``placement="random"``)."""
     h, w = image.shape[:2]
     ratio = size / max(h, w)
-    new_h, new_w = round(h * ratio), round(w * ratio)
+    new_h, new_w = max(1, round(h * ratio)), max(1, round(w * ratio))     # a 1x4000 picture keeps 1 pixel
     pil = Image.fromarray(image)
     if (new_w, new_h) != pil.size:
         pil = pil.resize((new_w, new_h), Image.BILINEAR)

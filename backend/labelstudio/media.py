@@ -10,8 +10,17 @@ What it handles (the SDK does the URL logic; this module adds what the SDK lacks
   endpoint, needs the task id) and plain ``http(s)://`` URLs;
 - legacy tokens (``Authorization: Token``) and personal access tokens (a JWT refresh token exchanged for a
   short-lived access token through the SDK's token client, sent as ``Bearer``);
-- the token goes only to the Label Studio host (the SDK attaches it only when the URL's host equals the LS host);
+- the token goes only to the Label Studio host (the SDK attaches it only when the URL's host equals the LS host, and
+  a redirect to another origin drops it), and the configured token only to a host the operator named
+  (:meth:`MediaFetcher.connection`);
 - host and token from the environment first, then from LS's ``/setup`` call (``hostname``/``access_token``);
+- every download through :class:`backend.labelstudio.download.GuardedSession` (installed with the SDK's
+  ``http_session`` hook): public addresses only unless allowed, the LS host excepted; ``MAX_DOWNLOAD_MB`` on the
+  decoded stream; ``MEDIA_TIMEOUT_S`` as the total time of one fetch; images bounded by ``MAX_IMAGE_PIXELS`` from
+  their header, before decoding;
+- Local Storage files only when their real path (symlinks resolved) is under ``LOCAL_FILES_DOCUMENT_ROOT``;
+- client-facing errors coarse for hosts other than LS ("cannot download the image of task 7": a closed port and an
+  HTTP 404 look the same), the precise reason in the log; URLs in messages and logs on one line;
 - a download cache bounded in bytes (oldest files evicted), unlike the SDK's unbounded one.
 """
 
@@ -20,8 +29,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
+from dataclasses import replace
 from typing import Callable, Optional
 from urllib.parse import urlparse
 
@@ -31,12 +42,18 @@ from PIL import Image
 
 from label_studio_sdk._extensions.label_studio_tools.core.utils import io as _ls_io
 
-from ssp_sam.images import load_image
+from backend.labelstudio.download import (AddressPolicy, Deadline, DownloadError, DownloadLimitExceeded,
+                                          GuardedSession)
+from backend.labelstudio.protocol import url_origin
+from backend.logs import OneLineMessages, loggable
+from ssp_sam.images import ImageTooLarge, load_image
 from ssp_sam.io import write_text_atomic
 
 logger = logging.getLogger(__name__)
+_ls_io.logger.addFilter(OneLineMessages())    # the SDK logs resolved URLs as they are, newlines included
 
-# Pillow refuses absurd images (decompression bombs) by default; keep that guard but allow large photos.
+# Pillow's own decompression-bomb guard stays as the last line; a task's images are bounded by MAX_IMAGE_PIXELS (from
+# the header, before decoding) long before it.
 Image.MAX_IMAGE_PIXELS = 400_000_000
 
 
@@ -58,19 +75,6 @@ def _jwt_claims(token: str) -> dict:
 def jwt_token_type(token: str) -> Optional[str]:
     """``"refresh"`` for a personal access token, ``"access"`` for an access JWT, None for a legacy key."""
     return _jwt_claims(token).get("token_type")
-
-
-class _TimeoutSession(requests.Session):
-    """The SDK downloads without a timeout; this session (installed through the SDK's ``http_session`` hook) adds
-    one."""
-
-    def __init__(self, timeout: float):
-        super().__init__()
-        self._timeout = timeout
-
-    def request(self, *args, **kwargs):
-        kwargs.setdefault("timeout", self._timeout)
-        return super().request(*args, **kwargs)
 
 
 class _SDKTokenClient:
@@ -124,7 +128,8 @@ class MediaFetcher:
         self._evict_lock = threading.Lock()
         # striped locks: two threads never download the same URL into the same cache file at once
         self._url_locks = [threading.Lock() for _ in range(64)]
-        self._tls = threading.local()            # one requests.Session per thread
+        self._addresses = AddressPolicy(allow_private=config.media_allow_private_networks)
+        self.max_download_bytes = int(config.max_download_mb) * 2**20
         self._known: dict = {}               # cached path -> (size, mtime_ns) when last served
         self._setup_conn: dict = {}          # project_id -> (hostname, token); None key = last /setup
         self._counters = {"hits": 0, "misses": 0, "errors": 0, "evicted_files": 0}
@@ -181,15 +186,38 @@ class MediaFetcher:
                 self._setup_conn[k] = v
 
     def connection(self, project_id=None) -> tuple[Optional[str], Optional[str]]:
-        """(hostname, token) to use: environment first, then /setup for this project, then the last /setup."""
-        if not (self.config.label_studio_url and self.config.label_studio_api_key):
+        """(hostname, token) to use. /setup is unauthenticated, so the configured token never follows a host it names:
+
+        - ``LABEL_STUDIO_URL`` set: that host (a /setup hostname never changes it), ``LABEL_STUDIO_API_KEY`` or else
+          the /setup token;
+        - only ``LABEL_STUDIO_API_KEY`` set: the /setup host; the configured token only when that host's origin is in
+          ``LABEL_STUDIO_ALLOWED_HOSTS``, otherwise the token the same /setup sent (Label Studio's own), if any;
+        - neither: host and token from /setup (they come together).
+
+        /setup for this project first, then the last /setup."""
+        cfg = self.config
+        if not (cfg.label_studio_url and cfg.label_studio_api_key):
             self._reload_persisted()
         with self._lock:
             setup = self._setup_conn.get(str(project_id)) if project_id is not None else None
-            setup = setup or self._setup_conn.get(None) or (None, None)
-        host = self.config.label_studio_url or setup[0]
-        token = self.config.label_studio_api_key or setup[1]
-        return host, token
+            setup_host, setup_token = setup or self._setup_conn.get(None) or (None, None)
+        if cfg.label_studio_url:
+            return cfg.label_studio_url, cfg.label_studio_api_key or setup_token
+        if cfg.label_studio_api_key and (setup_host is None
+                                         or url_origin(setup_host) in cfg.label_studio_allowed_hosts):
+            return setup_host, cfg.label_studio_api_key
+        return setup_host, setup_token
+
+    def trusted_origins(self, hostname: Optional[str]) -> frozenset:
+        """Origins downloads may reach whatever their address: the Label Studio host (``LABEL_STUDIO_URL``, the
+        ``LABEL_STUDIO_ALLOWED_HOSTS``, or the /setup host when neither a URL nor a token is configured)."""
+        cfg = self.config
+        origins = set(cfg.label_studio_allowed_hosts)
+        if cfg.label_studio_url:
+            origins.add(url_origin(cfg.label_studio_url))
+        elif hostname and not cfg.label_studio_api_key:
+            origins.add(url_origin(hostname))
+        return frozenset(o for o in origins if o)
 
     def _auth_token(self, hostname: Optional[str], token: Optional[str]) -> Optional[str]:
         """The token to put on the wire: legacy keys unchanged, PATs exchanged for an access token."""
@@ -205,11 +233,35 @@ class MediaFetcher:
                     client = self._token_clients[key] = self._token_client_factory(hostname, token)
             return client.access_token()
         except Exception as exc:
-            raise MediaError(f"could not exchange the personal access token at {hostname}/api/token/refresh/: "
-                             f"{type(exc).__name__}") from None
+            raise MediaError(f"could not exchange the personal access token at {loggable(hostname)}"
+                             f"/api/token/refresh/: {type(exc).__name__}") from None
 
     # ------------------------------------------------------------------ fetch
     def fetch(self, url: str, task_id=None, project_id=None) -> str:
+        """The local path of the task's media (downloaded within ``MEDIA_TIMEOUT_S`` in all)."""
+        with Deadline(self.config.media_timeout_s) as deadline:
+            return self._fetch(url, task_id, project_id, deadline, "the media")
+
+    def load_image(self, url: str, task_id=None, project_id=None) -> np.ndarray:
+        with Deadline(self.config.media_timeout_s) as deadline:     # one deadline for both attempts
+            for attempt in (0, 1):
+                path = self._fetch(url, task_id, project_id, deadline, "the image")
+                try:
+                    return load_image(path, max_pixels=self.config.max_image_pixels)
+                except ImageTooLarge as exc:
+                    self._count("errors")
+                    raise MediaError(f"{_subject('the image', url, task_id)} is too large: {exc} "
+                                     f"(MAX_IMAGE_PIXELS)") from None
+                except Exception as exc:
+                    # a cached file can be truncated (another process was writing it): drop it, download once more
+                    if attempt == 0 and self._in_cache(path):
+                        self._drop(path)
+                        continue
+                    self._count("errors")
+                    raise MediaError(f"cannot decode image {self._safe_url(url)}: {type(exc).__name__}") from None
+        raise AssertionError("unreachable")
+
+    def _fetch(self, url: str, task_id, project_id, deadline: Deadline, what: str) -> str:
         if not isinstance(url, str) or not url.strip():
             raise MediaError("task has no media URL")
         url = url.strip()
@@ -218,23 +270,13 @@ class MediaFetcher:
             raise MediaError("file:// URLs are not served; use Local Storage (/data/local-files/?d=...)")
         try:
             access = self._auth_token(hostname, token)
-            lock = self._url_locks[hash(url) % len(self._url_locks)]
-            with lock, _ls_io.local_files_resolver(self._resolve_local_file), _ls_io.http_session(self._session()):
-                path = _ls_io.get_local_path(
-                    url,
-                    cache_dir=self.cache_dir,
-                    hostname=hostname or "",
-                    access_token=access or "",
-                    image_dir=self._no_local_uploads,
-                    download_resources=True,
-                    task_id=task_id,
-                )
+            path = self._download(url, task_id, hostname, access, deadline)
         except MediaError:
             self._count("errors")
             raise
         except Exception as exc:
             self._count("errors")
-            raise MediaError(self._describe_error(url, exc, hostname, token)) from None
+            raise MediaError(self._describe_error(url, exc, hostname, token, _subject(what, url, task_id))) from None
         if not os.path.exists(path):
             self._count("errors")
             raise MediaError(f"media file not found after download: {self._safe_url(url)}")
@@ -245,19 +287,20 @@ class MediaFetcher:
             self._evict()
         return path
 
-    def load_image(self, url: str, task_id=None, project_id=None) -> np.ndarray:
-        for attempt in (0, 1):
-            path = self.fetch(url, task_id=task_id, project_id=project_id)
-            try:
-                return load_image(path)
-            except Exception as exc:
-                # a cached file can be truncated (another process was writing it): drop it and download once more
-                if attempt == 0 and self._in_cache(path):
-                    self._drop(path)
-                    continue
-                self._count("errors")
-                raise MediaError(f"cannot decode image {self._safe_url(url)}: {type(exc).__name__}") from None
-        raise AssertionError("unreachable")
+    def _download(self, url: str, task_id, hostname: Optional[str], access: Optional[str], deadline: Deadline) -> str:
+        """``get_local_path`` with this fetcher's local-files resolver and a guarded session for this fetch."""
+        policy = replace(self._addresses, trusted_origins=self.trusted_origins(hostname))
+        lock = self._url_locks[hash(url) % len(self._url_locks)]
+        if not lock.acquire(timeout=deadline.remaining(url)):    # another thread is downloading the same URL
+            raise deadline.error(url)
+        try:
+            with GuardedSession(policy, deadline, self.max_download_bytes) as session, \
+                    _ls_io.local_files_resolver(self._resolve_local_file), _ls_io.http_session(session):
+                return _ls_io.get_local_path(url, cache_dir=self.cache_dir, hostname=hostname or "",
+                                             access_token=access or "", image_dir=self._no_local_uploads,
+                                             download_resources=True, task_id=task_id)
+        finally:
+            lock.release()
 
     def _in_cache(self, path: str) -> bool:
         return os.path.dirname(os.path.abspath(path)) == os.path.abspath(self.cache_dir)
@@ -270,24 +313,25 @@ class MediaFetcher:
         with self._lock:
             self._known.pop(path, None)
 
-    def _session(self) -> requests.Session:
-        session = getattr(self._tls, "session", None)
-        if session is None:
-            session = self._tls.session = _TimeoutSession(float(self.config.media_timeout_s))
-        return session
-
     # ------------------------------------------------------------------ local files
     def _resolve_local_file(self, relative_path: str) -> Optional[str]:
-        """Resolver for ``/data/local-files/?d=...``: a path under LOCAL_FILES_DOCUMENT_ROOT, or None (then the SDK
-        raises FileNotFoundError; without a root we return a path that does not exist so it downloads via LS)."""
+        """Resolver for ``/data/local-files/?d=...``: a path whose real location (symlinks resolved) is under
+        LOCAL_FILES_DOCUMENT_ROOT, or None (then the SDK raises FileNotFoundError; without a root we return a path
+        that does not exist so it downloads via LS)."""
         root = self.config.local_files_document_root
         if not root or os.path.abspath(root) == os.path.abspath(os.sep):
             # no root: a non-existing path makes the SDK download the file from LS instead
             return os.path.join(self._no_local_uploads, "missing")
+        real_root = os.path.realpath(root)
         try:
-            return _ls_io.safe_build_path(root, relative_path.lstrip("/"))
+            real = os.path.realpath(_ls_io.safe_build_path(root, relative_path.lstrip("/")))
         except ValueError:
             return None
+        if os.path.commonpath([real, real_root]) != real_root:
+            logger.warning("Local Storage path %s leaves LOCAL_FILES_DOCUMENT_ROOT through a symlink: refused",
+                           loggable(relative_path))
+            return None
+        return real
 
     # ------------------------------------------------------------------ cache bound
     def _is_known(self, path: str) -> bool:
@@ -356,13 +400,27 @@ class MediaFetcher:
     # ------------------------------------------------------------------ messages
     @staticmethod
     def _safe_url(url: str) -> str:
-        """A URL without its query string (presigned URLs carry credentials there)."""
+        """A URL fit for messages and logs: without its query string (presigned URLs carry credentials there), on
+        one line, at most 300 characters."""
         p = urlparse(url)
         if p.scheme in ("http", "https") and p.query and "local-files" not in p.path:
-            return f"{p.scheme}://{p.netloc}{p.path}?..."
-        return url if len(url) <= 300 else url[:300] + "..."
+            url = f"{p.scheme}://{p.netloc}{p.path}?..."
+        return loggable(url)
 
-    def _describe_error(self, url, exc, hostname, token) -> str:
+    def _describe_error(self, url: str, exc: Exception, hostname, token, subject: str) -> str:
+        """The client-facing message. A network failure at a host other than Label Studio's gets one coarse text
+        whatever happened (a closed port and an HTTP 404 must look alike); the precise reason goes to the log."""
+        if isinstance(exc, DownloadLimitExceeded):
+            return f"{subject} {exc}"
+        failed = _failed_url(exc) or url
+        network = isinstance(exc, (requests.RequestException, DownloadError))
+        if network and url_origin(failed) not in self.trusted_origins(hostname):
+            logger.warning("cannot download %s from %s: %s", subject, self._safe_url(failed),
+                           loggable(_network_detail(exc), limit=None))
+            return f"cannot download {subject}"
+        return self._describe_ls_error(url, exc, hostname, token)
+
+    def _describe_ls_error(self, url: str, exc: Exception, hostname, token) -> str:
         safe = self._safe_url(url)
         if isinstance(exc, requests.HTTPError) and exc.response is not None:
             code = exc.response.status_code
@@ -377,13 +435,43 @@ class MediaFetcher:
             if not hostname:
                 return (f"cannot resolve {safe}: no Label Studio host (set LABEL_STUDIO_URL, or connect the backend"
                         f" so that /setup provides it)")
+            if not token and self.config.label_studio_api_key:
+                return (f"cannot download {safe}: LABEL_STUDIO_API_KEY is not sent to {loggable(hostname)} (the /setup "
+                        f"host): set LABEL_STUDIO_URL, or list it in LABEL_STUDIO_ALLOWED_HOSTS")
             if not token:
                 return f"cannot download {safe}: no Label Studio token (set LABEL_STUDIO_API_KEY)"
             return f"media not found: {safe}"
-        if isinstance(exc, requests.ConnectionError):
+        if isinstance(exc, (requests.ConnectionError, DownloadError)):
             return f"cannot connect to download {safe}"
         if isinstance(exc, requests.Timeout):
             return f"timed out downloading {safe}"
         if isinstance(exc, ValueError):
-            return f"invalid media URL {safe}: {exc}"
+            return f"invalid media URL {safe}: {loggable(exc)}"
         return f"cannot read {safe}: {type(exc).__name__}"
+
+
+def _subject(what: str, url: str, task_id) -> str:
+    """``the image of task 7``; ``the image <url>`` when the task has no id."""
+    if task_id is not None:
+        return f"{what} of task {loggable(task_id, limit=40)}"
+    return f"{what} {MediaFetcher._safe_url(url)}"
+
+
+def _failed_url(exc: Exception) -> Optional[str]:
+    """The URL a download failed at (after redirects), when the exception tells."""
+    response = getattr(exc, "response", None)
+    if response is not None and getattr(response, "url", None):
+        return response.url
+    request = getattr(exc, "request", None)
+    return getattr(request, "url", None) or getattr(exc, "url", None)
+
+
+def _network_detail(exc: Exception) -> str:
+    """What the log says about a failed download: the status and URL, the refused address, the socket error."""
+    response = getattr(exc, "response", None)
+    if isinstance(exc, requests.HTTPError) and response is not None:
+        return f"HTTP {response.status_code} from {MediaFetcher._safe_url(response.url)}"
+    return _QUERY.sub("?...", f"{type(exc).__name__}: {exc}")      # urllib3 names the URL, query included
+
+
+_QUERY = re.compile(r"\?[^\s'\")]+")

@@ -1,11 +1,13 @@
 """Small facts of the Label Studio wire protocol shared by both sides: the webhook actions that carry corrections,
 and ids as Label Studio sends them (integers, strings of digits, ``{"id": ...}`` objects, and the
 ``"<project>.<time>"`` strings of ``/setup`` and ``/predict``). Anything else (booleans, fractions, non-finite or
-out-of-range numbers, text) is no id at all, never an exception."""
+out-of-range numbers, text) is no id at all, never an exception. And the origin of a URL, which is what a Label Studio
+host is compared by."""
 
 from __future__ import annotations
 
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 ANNOTATION_UPSERT_ACTIONS = frozenset({"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED"})
 ANNOTATION_DELETE_ACTIONS = frozenset({"ANNOTATION_DELETED", "ANNOTATIONS_DELETED"})
@@ -42,5 +44,22 @@ def project_id_of(project: Any) -> int | None:
     return id_of(project)
 
 
+def url_origin(url: Any) -> str | None:
+    """``scheme://host:port`` of an ``http(s)`` URL (lower case, the default port written out), the unit a token and
+    the trust in a Label Studio host belong to; None for anything else. ``http://LS:80/x`` -> ``http://ls:80``."""
+    if not isinstance(url, str):
+        return None
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, host = parts.scheme.lower(), parts.hostname
+    if scheme not in ("http", "https") or not host:
+        return None
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}:{port or (443 if scheme == 'https' else 80)}"
+
+
 __all__ = ["ANNOTATION_UPSERT_ACTIONS", "ANNOTATION_DELETE_ACTIONS", "TRAINING_ACTIONS", "CORRECTION_ACTIONS",
-           "as_int", "id_of", "project_id_of"]
+           "as_int", "id_of", "project_id_of", "url_origin"]

@@ -2,7 +2,8 @@
 
 Bulk webhook events (``ANNOTATIONS_CREATED``) may carry annotation ids instead of bodies, and an annotation body may
 name its task by id only. The correction worker then asks Label Studio for the record, with the connection the media
-fetcher already knows (environment first, then what ``/setup`` sent), legacy tokens and personal access tokens alike.
+fetcher already knows (environment first, then what ``/setup`` sent; the configured token never goes to a ``/setup``
+host the operator did not allow, see ``MediaFetcher.connection``), legacy tokens and personal access tokens alike.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from backend.labelstudio.prompts import DEFAULT_PROMPT_FIELDS, region_sentence
 from backend.labelstudio.records import RecordUnavailable
 from backend.learning.datastore import EVENT_IGNORED, ORIGINS, Datastore
 from backend.learning.leases import is_dead_local_owner, new_owner_id
-from ssp_sam.images import image_size
+from ssp_sam.images import ImageTooLarge, image_size
 from ssp_sam.metrics import iou
 
 log = logging.getLogger(__name__)
@@ -72,15 +72,18 @@ class WorkerConfig:
     prompt_fields: tuple = DEFAULT_PROMPT_FIELDS
     min_mask_pixels: int = 1
     empty_annotation_is_no_target: bool = True  # no brush region + a sentence -> a no-target sample (empty mask)
+    max_image_pixels: int | None = None  # a bigger image fails the event, checked from its header (MAX_IMAGE_PIXELS)
     fetch_annotation: Callable[[int], Mapping] | None = None  # annotation id -> body (SDK), for id-only payloads
     fetch_task: Callable[[int], Mapping] | None = None        # task id -> task (SDK), when ``task`` is absent
     worker_id: str | None = None
 
     @classmethod
     def from_backend(cls, config: BackendConfig, **overrides: Any) -> "WorkerConfig":
-        """The worker settings the backend's environment gives (``PROMPT_FIELDS``, ``EMPTY_ANNOTATION_IS_NO_TARGET``)."""
+        """The worker settings the backend's environment gives (``PROMPT_FIELDS``, ``EMPTY_ANNOTATION_IS_NO_TARGET``,
+        ``MAX_IMAGE_PIXELS``)."""
         return cls(prompt_fields=tuple(config.prompt_fields),
-                   empty_annotation_is_no_target=config.empty_annotation_is_no_target, **overrides)
+                   empty_annotation_is_no_target=config.empty_annotation_is_no_target,
+                   max_image_pixels=config.max_image_pixels, **overrides)
 
 
 class CorrectionWorker:
@@ -352,7 +355,9 @@ class _SampleBuilder:
             if not data:
                 raise IOError(f"empty image from {url}")
             try:
-                size = image_size(data)
+                size = image_size(data, max_pixels=self.cfg.max_image_pixels)
+            except ImageTooLarge as exc:
+                raise PermanentError(f"task {self.task.get('id')}: image too large: {exc} (MAX_IMAGE_PIXELS)") from None
             except Exception as exc:
                 raise PermanentError(f"image is not decodable: {exc}") from None
             self._images[url] = (self.store.blobs.put(data), size)

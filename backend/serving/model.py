@@ -22,6 +22,7 @@ from backend.labelstudio.label_config import LabelingSpec, parse_label_config
 from backend.labelstudio.media import MediaError
 from backend.labelstudio.prompts import collect_prompts, is_interactive
 from backend.labelstudio.protocol import project_id_of
+from backend.logs import loggable
 
 logger = logging.getLogger(__name__)
 
@@ -207,12 +208,13 @@ class SSPSAMBackend:
         every later retrieval would skip the task)."""
         self.runtime.metrics.inc("task_errors")
         if not logged:
-            logger.error("predict: task %d/%d (id %s) failed: %s", i + 1, n, _task_id(task), message)
+            logger.error("predict: task %d/%d (id %s) failed: %s", i + 1, n, _task_id(task), loggable(message, None))
         return {"score": 0.0, "model_version": version, "error": message}
 
 
 def _task_id(task) -> Any:
-    return task.get("id") if isinstance(task, dict) else None
+    """The task's id for log lines (a client-given value: written on one line)."""
+    return loggable(task.get("id"), limit=40) if isinstance(task, dict) else None
 
 
 class _Progress:

@@ -12,7 +12,8 @@ ENV_NAMES = ["LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "BAS
              "PORT", "WORKERS", "THREADS", "SSP_SAM_VARIANT", "SSP_SAM_CHECKPOINT", "SAM_CHECKPOINT", "CLIP_CHECKPOINT",
              "DEVICE", "DTYPE", "MASK_THRESHOLD", "EMBEDDING_CACHE_MB", "PROMPT_FIELDS", "WEBHOOK_SECRET",
              "LOCAL_FILES_DOCUMENT_ROOT", "HOST", "GUNICORN_TIMEOUT", "PREDICT_BATCH_SIZE", "PRELOAD_MODEL",
-             "RELOAD_INTERVAL_S", "MEDIA_CACHE_DIR", "MEDIA_CACHE_MB", "MEDIA_TIMEOUT_S", "DATASTORE_URL"]
+             "RELOAD_INTERVAL_S", "MEDIA_CACHE_DIR", "MEDIA_CACHE_MB", "MEDIA_TIMEOUT_S", "DATASTORE_URL",
+             "LABEL_STUDIO_ALLOWED_HOSTS", "MAX_DOWNLOAD_MB", "MAX_IMAGE_PIXELS", "MEDIA_ALLOW_PRIVATE_NETWORKS"]
 
 
 def test_defaults():
@@ -39,10 +40,24 @@ def test_parsing_and_fallbacks():
     ({"PORT": "x"}, "PORT"), ({"WORKERS": "0"}, "WORKERS"), ({"LABEL_STUDIO_URL": "ls:8080"}, "http"),
     ({"BASIC_AUTH_USER": "u"}, "BASIC_AUTH_PASS"), ({"PRELOAD_MODEL": "maybe"}, "PRELOAD_MODEL"),
     ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"), ({"DTYPE": "int8"}, "DTYPE"), ({"MASK_THRESHOLD": "high"}, "MASK"),
+    ({"MAX_IMAGE_PIXELS": "0"}, "MAX_IMAGE_PIXELS"), ({"MAX_DOWNLOAD_MB": "x"}, "MAX_DOWNLOAD_MB"),
+    ({"MEDIA_ALLOW_PRIVATE_NETWORKS": "10.0.0.0/33"}, "MEDIA_ALLOW_PRIVATE_NETWORKS"),
+    ({"LABEL_STUDIO_ALLOWED_HOSTS": "ls:8080"}, "LABEL_STUDIO_ALLOWED_HOSTS"),
 ])
 def test_bad_values(env, fragment):
     with pytest.raises(ConfigError, match=fragment):
         BackendConfig.from_env(env)
+
+
+def test_media_settings():
+    c = BackendConfig.from_env({})
+    assert (c.max_download_mb, c.max_image_pixels, c.media_allow_private_networks) == (100, 50_000_000, False)
+    assert c.label_studio_allowed_hosts == ()
+    c = BackendConfig.from_env({"LABEL_STUDIO_ALLOWED_HOSTS": "http://LS:8080/, https://ls.example.com",
+                                "MEDIA_ALLOW_PRIVATE_NETWORKS": "10.0.0.0/8, 127.0.0.1"})
+    assert c.label_studio_allowed_hosts == ("http://ls:8080", "https://ls.example.com:443")
+    assert c.media_allow_private_networks == ("10.0.0.0/8", "127.0.0.1/32")
+    assert BackendConfig.from_env({"MEDIA_ALLOW_PRIVATE_NETWORKS": "yes"}).media_allow_private_networks is True
 
 
 def test_every_variable_is_documented():

@@ -127,3 +127,48 @@ def test_mask_to_clip_grid_follows_the_clip_placement():
     grid = mask_to_clip_grid(mask, meta, 16).reshape(4, 4)
     assert grid[0].sum() == 0 and grid[3].sum() == 0     # padding rows
     assert torch.allclose(grid[1:3, :2], torch.ones(2, 2)) and grid[1:3, 2:].sum() == 0
+
+
+# ---------------------------------------------------------------------- wrong images, silently
+def _gradient16(lo: int, hi: int) -> np.ndarray:
+    return np.tile(np.linspace(lo, hi, 256).round().astype(np.uint16), (4, 1))
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("lo,hi", [(0, 65535), (0, 255), (1000, 4095)])
+@pytest.mark.parametrize("via", ["png", "pillow I;16", "pillow I", "array"])
+def test_16bit_grayscale_scales_by_the_type_range(lo, hi, via, reliability):
+    """Browsers show a 16-bit PNG as value / 257; so must the model see it, whatever the picture's own range."""
+    g = _gradient16(lo, hi)
+    src = {"png": lambda: _png(Image.fromarray(g)), "pillow I;16": lambda: Image.fromarray(g),
+           "pillow I": lambda: Image.fromarray(g.astype(np.int32)), "array": lambda: g}[via]()
+    arr = load_image(src)
+    expected = np.rint(g / 257.0).astype(np.uint8)
+    assert arr.dtype == np.uint8 and arr.shape == (4, 256, 3)
+    assert np.array_equal(arr[..., 0], expected) and np.array_equal(arr[..., 2], expected)
+    if (lo, hi) == (0, 255) and via == "png":
+        reliability("Images", "a dark 16-bit grayscale PNG (values 0..255 of 65535)", "load_image",
+                    f"8-bit values {arr.min()}..{arr.max()} (value / 257, as a browser shows it)")
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("h,w", [(1, 4000), (4000, 1), (2, 3000)])
+def test_extreme_aspect_ratios_give_a_mask_of_the_right_shape(h, w, reliability):
+    assert min(resized_hw(h, w, 1024)) >= 1
+    _, meta = clip_input(np.zeros((h, w, 3), np.uint8), 224)
+    assert min(meta.resized_hw) >= 1
+    p = _predictor().predict(np.full((h, w, 3), 128, np.uint8), "a thin line")
+    assert p.mask.shape == (h, w) and p.box_xyxy.shape == (4,) and np.isfinite(p.score)
+    reliability("Images", f"a {w}x{h} image (extreme aspect ratio)", "the predictor (tiny model)",
+                f"a {w}x{h} mask, score {p.score:.3f}")
+
+
+def test_resized_size_is_unchanged_for_normal_images():
+    from segment_anything.utils.transforms import ResizeLongestSide
+    for h, w in [(480, 640), (1, 2), (3, 4000), (999, 1000), (4000, 3), (1024, 1024), (7, 9)]:
+        assert resized_hw(h, w, 1024) == ResizeLongestSide.get_preprocess_shape(h, w, 1024)
+    img = np.random.RandomState(0).randint(0, 255, (37, 53, 3)).astype(np.uint8)
+    ref = torch.as_tensor(ResizeLongestSide(64).apply_image(img)).permute(2, 0, 1).float()
+    assert torch.equal(sam_input(img, 64)[:, :ref.shape[1], :ref.shape[2]],
+                       (ref - torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1))
+                       / torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1))
