@@ -12,7 +12,7 @@ from backend.learning.corrections import CorrectionWorker, WorkerConfig
 from backend.learning.datastore import open_datastore
 from backend.serving.app import create_app
 from tests.fakes import LABEL_CONFIG, FakePredictor, make_config, png_bytes, task
-from tests.local_server import LocalMediaServer
+from tests.local_http import LocalMediaServer
 from tests.payloads import annotation_event
 
 pytestmark = pytest.mark.reliability
@@ -20,7 +20,7 @@ TOKEN = "legacy0123456789abcdef"
 
 
 def _app(tmp_path, ls: LocalMediaServer, **env):
-    cfg = make_config(tmp_path, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=TOKEN, **env)
+    cfg = make_config(tmp_path, LABEL_STUDIO_URL=ls.origin, LABEL_STUDIO_API_KEY=TOKEN, **env)
     store = open_datastore(cfg)
 
     def worker(store_, media, config):       # the real worker, retrying fast for the test

@@ -23,7 +23,7 @@ from backend.learning.datastore import open_datastore
 from ssp_sam.data.masks import brush_rle_to_mask
 from ssp_sam.metrics import iou
 from tests.e2e.ls_harness import stop, wait_http
-from tests.local_server import LocalMediaServer, free_port
+from tests.local_http import LocalMediaServer, free_port
 from tests.payloads import TEST_LABEL_CONFIG, annotation_event
 
 pytestmark = pytest.mark.reliability
@@ -98,7 +98,7 @@ def test_hot_reload_under_traffic(tmp_path, tiny_base, reliability):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LABEL_STUDIO")}
     env.update({"HOST": "127.0.0.1", "PORT": str(port), "WORKERS": "2", "THREADS": "4", "MODEL_DIR": str(model_dir),
                 "SSP_SAM_VARIANT": "tiny", "SSP_SAM_CHECKPOINT": tiny_base, "DEVICE": "cpu", "RELOAD_INTERVAL_S": "0.2",
-                "LABEL_STUDIO_URL": media.url, "LABEL_STUDIO_API_KEY": "legacy0123456789abcdef", "LOG_LEVEL": "WARNING"})
+                "LABEL_STUDIO_URL": media.origin, "LABEL_STUDIO_API_KEY": "legacy0123456789abcdef", "LOG_LEVEL": "WARNING"})
     log = tmp_path / "serve.log"
     server = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve"], cwd=ROOT, env=env,
                               stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
