@@ -5,6 +5,7 @@ out-of-range numbers, text) is no id at all, never an exception."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Mapping
 
 ANNOTATION_UPSERT_ACTIONS = frozenset({"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED"})
@@ -42,5 +43,15 @@ def project_id_of(project: Any) -> int | None:
     return id_of(project)
 
 
+def describe_value(value: Any) -> str:
+    """A short rendering of a value a client sent, for an error message (objects and lists are not echoed)."""
+    if isinstance(value, Mapping):
+        return "an object" + (f" with 'id' {describe_value(value.get('id'))}" if "id" in value else " without 'id'")
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 __all__ = ["ANNOTATION_UPSERT_ACTIONS", "ANNOTATION_DELETE_ACTIONS", "TRAINING_ACTIONS", "CORRECTION_ACTIONS",
-           "as_int", "id_of", "project_id_of"]
+           "as_int", "id_of", "project_id_of", "describe_value"]

@@ -12,14 +12,18 @@ ENV_NAMES = ["LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "BAS
              "PORT", "WORKERS", "THREADS", "SSP_SAM_VARIANT", "SSP_SAM_CHECKPOINT", "SAM_CHECKPOINT", "CLIP_CHECKPOINT",
              "DEVICE", "DTYPE", "MASK_THRESHOLD", "EMBEDDING_CACHE_MB", "PROMPT_FIELDS", "WEBHOOK_SECRET",
              "LOCAL_FILES_DOCUMENT_ROOT", "HOST", "GUNICORN_TIMEOUT", "PREDICT_BATCH_SIZE", "PRELOAD_MODEL",
-             "RELOAD_INTERVAL_S", "MEDIA_CACHE_DIR", "MEDIA_CACHE_MB", "MEDIA_TIMEOUT_S", "DATASTORE_URL"]
+             "RELOAD_INTERVAL_S", "MEDIA_CACHE_DIR", "MEDIA_CACHE_MB", "MEDIA_TIMEOUT_S", "DATASTORE_URL",
+             "REQUEST_BODY_TIMEOUT_S", "MAX_REQUEST_BODY_MB"]
 
 
 def test_defaults():
     c = BackendConfig.from_env({})
     assert c.variant == "demo" and c.device == "auto" and c.dtype == "auto"
     assert c.prompt_fields == ("text", "prompt", "caption", "expression")
-    assert (c.port, c.workers, c.threads, c.mask_threshold, c.embedding_cache_mb) == (9090, 1, 4, 0.0, 512)
+    assert (c.port, c.workers, c.threads, c.mask_threshold, c.embedding_cache_mb) == (9090, 1, 8, 0.0, 512)
+    assert (c.request_body_timeout_s, c.max_request_body_mb, c.max_request_body_bytes) == (15.0, 256, 256 * 2**20)
+    assert c.max_in_flight == 7                                  # THREADS - 1: one thread stays free for /health
+    assert BackendConfig.from_env({"THREADS": "1"}).max_in_flight == 1
     assert c.label_studio_url is None and not c.basic_auth_enabled
 
 
@@ -39,6 +43,8 @@ def test_parsing_and_fallbacks():
     ({"PORT": "x"}, "PORT"), ({"WORKERS": "0"}, "WORKERS"), ({"LABEL_STUDIO_URL": "ls:8080"}, "http"),
     ({"BASIC_AUTH_USER": "u"}, "BASIC_AUTH_PASS"), ({"PRELOAD_MODEL": "maybe"}, "PRELOAD_MODEL"),
     ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"), ({"DTYPE": "int8"}, "DTYPE"), ({"MASK_THRESHOLD": "high"}, "MASK"),
+    ({"REQUEST_BODY_TIMEOUT_S": "0"}, "REQUEST_BODY_TIMEOUT_S"), ({"REQUEST_BODY_TIMEOUT_S": "soon"}, "REQUEST_BODY"),
+    ({"MAX_REQUEST_BODY_MB": "0"}, "MAX_REQUEST_BODY_MB"), ({"MAX_REQUEST_BODY_MB": "1.5"}, "MAX_REQUEST_BODY_MB"),
 ])
 def test_bad_values(env, fragment):
     with pytest.raises(ConfigError, match=fragment):
