@@ -1,7 +1,7 @@
 """Request bodies as JSON objects, strictly: UTF-8, standard JSON only (no ``NaN``/``Infinity``), finite numbers,
-integers Python can convert, nesting at most ``MAX_JSON_DEPTH`` deep. Anything else is a :class:`BadJson` with a
-message safe to show to the client; nothing here can raise RecursionError into the app, nor let a value through that
-the datastore's JSON encoder or a later recursive walk would choke on.
+integers Python can convert, strings that are valid Unicode, nesting at most ``MAX_JSON_DEPTH`` deep. Anything else
+is a :class:`BadJson` with a message safe to show to the client; nothing here can raise RecursionError into the app,
+nor let a value through that the datastore's JSON encoder, a UTF-8 encoder or a later recursive walk would choke on.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def parse_json_object(raw: bytes) -> dict:
     except UnicodeDecodeError as exc:
         raise BadJson(f"the request body is not UTF-8 (invalid byte at offset {exc.start})") from None
     value = _loads(text)
-    check_depth(value)
+    check_structure(value)
     if not isinstance(value, dict):
         raise BadJson(f"the request body must be a JSON object, not {_json_type(value)}")
     return value
@@ -59,19 +59,37 @@ def _finite_float(literal: str) -> float:
     return value
 
 
-def check_depth(value, limit: int = MAX_JSON_DEPTH) -> None:
-    """BadJson when containers nest more than ``limit`` deep (iterative: any depth is safe to check)."""
-    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
+def check_structure(value, limit: int = MAX_JSON_DEPTH) -> None:
+    """BadJson when containers nest more than ``limit`` deep or a string (or key) is not valid Unicode (a lone
+    surrogate such as ``"\\ud800"``, which no UTF-8 encoder downstream accepts). Iterative: any depth is safe."""
+    stack = [(value, 1)]
     while stack:
         node, depth = stack.pop()
+        if isinstance(node, str):
+            _check_text(node)
+            continue
+        if not isinstance(node, (dict, list)):
+            continue
         if depth > limit:
             raise BadJson(f"the JSON is nested too deeply (more than {limit} levels)")
-        children = node.values() if isinstance(node, dict) else node
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+        if isinstance(node, dict):
+            for key in node:
+                _check_text(key)
+            node = node.values()
+        stack.extend((c, depth + 1) for c in node if isinstance(c, (str, dict, list)))
+
+
+def _check_text(text: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise BadJson(f"the JSON has a string that is not valid Unicode (a lone surrogate at position "
+                          f"{exc.start})") from None
 
 
 def _json_type(value) -> str:
     return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
 
 
-__all__ = ["BadJson", "MAX_JSON_DEPTH", "parse_json_object", "check_depth"]
+__all__ = ["BadJson", "MAX_JSON_DEPTH", "parse_json_object", "check_structure"]

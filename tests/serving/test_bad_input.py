@@ -41,6 +41,8 @@ BAD_JSON = [
     ("number overflowing a double", b'{"action": "START_TRAINING", "project": {"id": 1, "x": 1e400}}', "1e400"),
     ("integer with 5000 digits", b'{"action": "START_TRAINING", "project": ' + b"9" * 5000 + b"}", "digits"),
     ("not UTF-8", b'{"action": "\xff\xfe"}', "UTF-8"),
+    ("lone surrogate in a value", b'{"action": "START_TRAINING", "project": {"id": 1, "t": "\\ud800"}}', "Unicode"),
+    ("lone surrogate in a key", b'{"\\udfff": 1, "action": "START_TRAINING", "project": 1}', "Unicode"),
     ("syntax error", b'{"action": "START_TRAINING",, }', "not valid JSON"),
     ("truncated", b'{"action": "START_TRA', "not valid JSON"),
     ("empty body", b"", "empty"),
@@ -190,3 +192,32 @@ def test_label_config_deeper_than_the_xml_parser_allows_is_a_400(client):
 def test_error_messages_are_json_even_for_non_json_content_types(client):
     r = client.post("/webhook", data=b"action=START_TRAINING", content_type="application/x-www-form-urlencoded")
     _assert_clear_4xx(r, 400, "not valid JSON")
+
+
+XML_ATTACKS = [
+    ("external entity (XXE) naming a local file",
+     '<?xml version="1.0"?><!DOCTYPE View [<!ENTITY xxe SYSTEM "file:///etc/hostname">]><View>'
+     '<Image name="image" value="$image"/><BrushLabels name="tag" toName="image"><Label value="&xxe;"/>'
+     '</BrushLabels></View>'),
+    ("entity expansion (billion laughs)",
+     '<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "aaaaaaaaaa">' + "".join(
+         f'<!ENTITY {chr(98 + i)} "' + f"&{chr(97 + i)};" * 10 + '">' for i in range(8)) +
+     ']><View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image"><Label value="&i;"/>'
+     '</BrushLabels></View>'),
+    ("a lone surrogate", '<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
+                         '<Label value="\ud800"/></BrushLabels></View>'),
+]
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("case,config", XML_ATTACKS, ids=[c[0] for c in XML_ATTACKS])
+def test_hostile_label_configs_are_refused(client, reliability, case, config):
+    from backend.labelstudio.label_config import LabelConfigError, parse_label_config
+
+    for path, body in (("/setup", {"project": "1.1", "schema": config}),
+                       ("/predict", predict_body([], label_config=config))):
+        error = _assert_clear_4xx(client.post(path, json=body), 400)
+        reliability("labeling config", f"{path}: {case}", _short(config.encode("utf-8", "surrogatepass"), 60),
+                    f"400 {error!r}")
+    with pytest.raises(LabelConfigError):        # the parser itself refuses it, whoever calls it (the worker too)
+        parse_label_config(config)
