@@ -15,8 +15,10 @@ slowly holds that thread for as long as it likes. This middleware bounds what a 
 * **Size limit on the bytes read.** A ``Content-Length`` over ``max_body_bytes`` is refused before reading; a chunked
   body is counted as it arrives and refused as soon as it passes the limit. Both: JSON ``413``.
 
-A refused request's unread body is never read: the socket's read side is shut, so neither gunicorn's drain of the
-rest of the body nor its lingering close waits on that client. Headers sent slowly (header slowloris) happen before
+A refused request's unread body is never read: the server is asked to close the connection after the answer
+(``Connection: close``) and the socket's read side is shut, so neither gunicorn's drain of the rest of the body nor
+its lingering close waits on that client. The admission slot is released once the response has been handed to the
+socket; a keep-alive client's next request is only read after that. Headers sent slowly (header slowloris) happen before
 the app is called and cannot be seen here: a buffering reverse proxy in front is the production answer
 (docs/backend.md, "Slow clients and health checks").
 """
@@ -132,6 +134,19 @@ def stop_reading(sock: Optional[socket.socket]) -> None:
             sock.shutdown(socket.SHUT_RD)
         except OSError:
             pass
+
+
+def abandon_body(environ, start_response) -> None:
+    """The rest of this request's body will not be read: close the connection after the response.
+
+    The server is asked to close (gunicorn's response object, the owner of ``start_response``, has ``force_close``:
+    it then answers ``Connection: close``, so a keep-alive client does not send its next request into a connection
+    that is going away) and the socket's read side is shut, so neither gunicorn's drain of the body nor its lingering
+    close waits on the client."""
+    server_response = getattr(start_response, "__self__", None)
+    if callable(getattr(server_response, "force_close", None)):
+        server_response.force_close()
+    stop_reading(client_socket(environ))
 
 
 def read_body(environ, timeout_s: float, max_bytes: int, watchdog: Watchdog) -> bytes:
@@ -250,7 +265,7 @@ class RequestGuard:
         if environ.get("PATH_INFO") in OPEN_PATHS and environ.get("REQUEST_METHOD") in OPEN_METHODS:
             self._bound_writes(sock)
             if has_body(environ):
-                stop_reading(sock)             # a liveness probe with a body: the body is never read
+                abandon_body(environ, start_response)     # a liveness probe with a body: the body is never read
             return self.app(environ, start_response)
         if not self._enter():
             self._count("rejected_busy")
@@ -297,7 +312,7 @@ class RequestGuard:
 
     def _refuse(self, environ, start_response, status: int, message: str, headers: Optional[dict] = None):
         if has_body(environ):
-            stop_reading(client_socket(environ))
+            abandon_body(environ, start_response)
         self._bound_writes(client_socket(environ))
         logger.warning("%s %s -> %d: %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), status, message)
         body = json.dumps({"status": status, "error": message}).encode()

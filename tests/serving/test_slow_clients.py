@@ -178,3 +178,23 @@ def test_chunked_and_plain_bodies_still_reach_the_app(server):
     assert r.status_code == 201, r.text
     r = requests.post(server.base + "/setup", json={"project": "1.1"}, timeout=HANG_GUARD_S)
     assert r.status_code == 200 and r.json()["model_version"]
+
+
+@pytest.mark.reliability
+def test_a_refused_keep_alive_client_is_told_to_reconnect(server, reliability):
+    """A 503 leaves the body unread: the answer says ``Connection: close``, so a keep-alive client opens a new
+    connection for its next request instead of sending it into one that is going away (ConnectionError)."""
+    holders = [SlowClient(server.port, "/webhook", drip_s=None) for _ in range(THREADS - 1)]
+    time.sleep(0.5)                   # ordering only: the holders are admitted before the session asks
+    payload = annotation_event("ANNOTATION_CREATED", 70, 3, 1, "/data/upload/1/a.png", "a circle")
+    with requests.Session() as session:
+        busy = session.post(server.base + "/webhook", json=payload, timeout=HANG_GUARD_S)
+        held = [c.finish()[0] for c in holders]
+        again = session.post(server.base + "/webhook", json=payload, timeout=HANG_GUARD_S)
+    assert busy.status_code == 503 and busy.headers.get("Connection", "").lower() == "close", busy.headers
+    assert held == [408] * (THREADS - 1)
+    assert again.status_code == 201, again.text
+    reliability("slow clients", "keep-alive client refused while THREADS-1 slow bodies hold the slots",
+                "requests.Session: POST /webhook, then again once the slow bodies are cut",
+                f"{busy.status_code} with Connection: {busy.headers.get('Connection')}; slow bodies {held}; "
+                f"the same session then {again.status_code}")
