@@ -270,7 +270,8 @@ class RequestGuard:
         if not self._enter():
             self._count("rejected_busy")
             return self._refuse(environ, start_response, 503, f"the server is busy ({self.max_in_flight} requests "
-                                f"in progress); retry in {RETRY_AFTER_S} s", {"Retry-After": str(RETRY_AFTER_S)})
+                                f"in progress); retry in {RETRY_AFTER_S} s", {"Retry-After": str(RETRY_AFTER_S)},
+                                log_level=logging.INFO)
         return self._serve_admitted(environ, start_response, sock, _Once(self._leave))
 
     def _serve_admitted(self, environ, start_response, sock, release: "_Once"):
@@ -310,11 +311,15 @@ class RequestGuard:
             except OSError:
                 pass
 
-    def _refuse(self, environ, start_response, status: int, message: str, headers: Optional[dict] = None):
+    def _refuse(self, environ, start_response, status: int, message: str, headers: Optional[dict] = None,
+                log_level: int = logging.WARNING):
+        """Answer ``{"status", "error"}`` without calling the app (a busy refusal is logged at INFO: /metrics counts
+        them, and under overload a warning per request would flood the log)."""
         if has_body(environ):
             abandon_body(environ, start_response)
         self._bound_writes(client_socket(environ))
-        logger.warning("%s %s -> %d: %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), status, message)
+        logger.log(log_level, "%s %s -> %d: %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), status,
+                   message)
         body = json.dumps({"status": status, "error": message}).encode()
         start_response(f"{status} {HTTPStatus(status).phrase}",
                        [("Content-Type", "application/json"), ("Content-Length", str(len(body))),

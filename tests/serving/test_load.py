@@ -24,7 +24,7 @@ REQUESTS = 500
 IMAGES = 48                  # more images than the embedding cache holds: it evicts, so its bound is exercised
 EMBEDDING_CACHE_MB = 4       # about 34 demo-model embeddings (123 KB each)
 LOAD_DEADLINE_S = 420.0      # the clients stop taking work after this (unsent requests fail the test)
-RSS_GROWTH_MARGIN_MB = 300   # allowed growth above warm-up RSS + the cache bound (measured: 216-234 MB, docs/backend.md)
+RSS_GROWTH_MARGIN_MB = 300   # allowed growth over warm-up RSS + the cache bound (measured 216-233 MB: docs/backend.md)
 TOKEN = "loadtest0123456789abcdef"
 
 
