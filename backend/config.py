@@ -117,8 +117,10 @@ class BackendConfig:
     host: str = "127.0.0.1"                       # HOST (ssp-sam serve bind address)
     port: int = 9090                              # PORT
     workers: int = 1                              # WORKERS
-    threads: int = 4                              # THREADS
+    threads: int = 8                              # THREADS (at most THREADS - 1 requests in the app at once)
     timeout: int = 300                            # GUNICORN_TIMEOUT (seconds; a batch predict can be long)
+    request_body_timeout_s: float = 15.0          # REQUEST_BODY_TIMEOUT_S (a whole body must arrive within it)
+    max_request_body_mb: int = 256                # MAX_REQUEST_BODY_MB (larger bodies get 413)
     # --- model ---
     variant: str = "demo"                         # SSP_SAM_VARIANT
     checkpoint: Optional[str] = None              # SSP_SAM_CHECKPOINT
@@ -174,8 +176,10 @@ class BackendConfig:
             host=_get(env, "HOST", default="127.0.0.1"),
             port=_int(env, "PORT", 9090, minimum=0),
             workers=_int(env, "WORKERS", 1, minimum=1),
-            threads=_int(env, "THREADS", 4, minimum=1),
+            threads=_int(env, "THREADS", 8, minimum=1),
             timeout=_int(env, "GUNICORN_TIMEOUT", 300, minimum=0),
+            request_body_timeout_s=_float(env, "REQUEST_BODY_TIMEOUT_S", 15.0, minimum=0.1),
+            max_request_body_mb=_int(env, "MAX_REQUEST_BODY_MB", 256, minimum=1),
             variant=_get(env, "SSP_SAM_VARIANT", default="demo"),
             checkpoint=_get(env, "SSP_SAM_CHECKPOINT"),
             sam_checkpoint=_get(env, "SAM_CHECKPOINT"),
@@ -207,6 +211,15 @@ class BackendConfig:
     @property
     def basic_auth_enabled(self) -> bool:
         return bool(self.basic_auth_user and self.basic_auth_pass)
+
+    @property
+    def max_request_body_bytes(self) -> int:
+        return self.max_request_body_mb * 2**20
+
+    @property
+    def max_in_flight(self) -> int:
+        """Requests admitted into the app at once: one pool thread stays free for ``/health``."""
+        return max(1, self.threads - 1)
 
     @property
     def resolved_media_cache_dir(self) -> str:

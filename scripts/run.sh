@@ -14,7 +14,7 @@ export PORT="${PORT:-9090}"
 export MODEL_DIR="${MODEL_DIR:-$ROOT/model_dir}"
 export SSP_SAM_VARIANT="${SSP_SAM_VARIANT:-demo}"
 export WORKERS="${WORKERS:-1}"
-export THREADS="${THREADS:-4}"
+export THREADS="${THREADS:-8}"
 export LOG_LEVEL="${LOG_LEVEL:-INFO}"
 mkdir -p "$MODEL_DIR"
 

@@ -88,7 +88,10 @@ def parse_label_config(label_config: str) -> LabelingSpec:
     """LabelingSpec for a config XML; cached by content."""
     if not isinstance(label_config, str) or not label_config.strip():
         raise LabelConfigError("label_config is missing or empty")
-    digest = hashlib.sha1(label_config.encode("utf-8")).hexdigest()
+    try:
+        digest = hashlib.sha1(label_config.encode("utf-8")).hexdigest()
+    except UnicodeEncodeError as exc:
+        raise LabelConfigError(f"the labeling config is not valid Unicode (position {exc.start})") from None
     return _parse_cached(digest, label_config)
 
 

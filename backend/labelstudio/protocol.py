@@ -6,6 +6,7 @@ host is compared by."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
@@ -61,5 +62,15 @@ def url_origin(url: Any) -> str | None:
     return f"{scheme}://{host}:{port or (443 if scheme == 'https' else 80)}"
 
 
+def describe_value(value: Any) -> str:
+    """A short rendering of a value a client sent, for an error message (objects and lists are not echoed)."""
+    if isinstance(value, Mapping):
+        return "an object" + (f" with 'id' {describe_value(value.get('id'))}" if "id" in value else " without 'id'")
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 __all__ = ["ANNOTATION_UPSERT_ACTIONS", "ANNOTATION_DELETE_ACTIONS", "TRAINING_ACTIONS", "CORRECTION_ACTIONS",
-           "as_int", "id_of", "project_id_of", "url_origin"]
+           "as_int", "id_of", "project_id_of", "url_origin", "describe_value"]

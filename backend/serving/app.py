@@ -3,6 +3,11 @@
 Routes: ``GET /`` and ``/health``, ``POST /setup``, ``POST /predict``, ``POST /webhook``, ``GET /metrics``,
 ``GET /versions``. Every error is JSON ``{"status": <code>, "error": "<message>"}``; tracebacks stay in the server
 log. Shapes are documented in docs/backend.md.
+
+In front of the routes, :class:`backend.serving.guard.RequestGuard` admits at most ``THREADS - 1`` requests at once
+and hands the app bodies read under ``REQUEST_BODY_TIMEOUT_S`` and ``MAX_REQUEST_BODY_MB``; bodies are parsed
+strictly (:mod:`backend.serving.json_body`), ids checked with ``protocol.as_int`` and webhook payloads validated
+(:mod:`backend.labelstudio.webhooks`) before anything is queued.
 """
 
 from __future__ import annotations
@@ -18,14 +23,18 @@ import uuid
 from typing import Any, Callable, Optional
 
 from flask import Flask, current_app, g, jsonify, request
+from flask.testing import FlaskClient
 from werkzeug.exceptions import HTTPException
 
 from backend.config import BackendConfig
 from backend.labelstudio.brush import redact_rle
 from backend.labelstudio.label_config import LabelConfigError, parse_label_config
 from backend.labelstudio.media import MediaFetcher
-from backend.labelstudio.protocol import CORRECTION_ACTIONS, project_id_of
+from backend.labelstudio.protocol import CORRECTION_ACTIONS, as_int, describe_value, project_id_of
+from backend.labelstudio.webhooks import InvalidWebhook, validate_webhook
 from backend.learning import versions
+from backend.serving.guard import RequestGuard
+from backend.serving.json_body import BadJson, parse_json_object
 from backend.serving.metrics import ServingMetrics
 from backend.serving.model import ModelUnavailable, SSPSAMBackend
 from backend.serving.model_manager import ModelManager
@@ -63,6 +72,7 @@ class Runtime:
         self._store_lock = threading.Lock()
         self._worker = None
         self._worker_pid = None
+        self.guard: Optional[RequestGuard] = None     # set by create_app: admission counts for /metrics
 
     # ------------------------------------------------------------------ datastore
     def store(self):
@@ -176,8 +186,13 @@ def create_app(config: Optional[BackendConfig] = None, *, predictor_factory=None
     threading.Thread(target=_prime_version, args=(manager,), name="ssp-sam-version", daemon=True).start()
 
     app = Flask("backend")
-    app.config["MAX_CONTENT_LENGTH"] = 256 * 2**20     # larger bodies get a JSON 413
+    app.config["MAX_CONTENT_LENGTH"] = config.max_request_body_bytes     # the guard enforces it on the bytes read
     app.json.sort_keys = False
+    app.test_client_class = BufferedClient
+    rt.guard = RequestGuard(app.wsgi_app, max_in_flight=config.max_in_flight,
+                            body_timeout_s=config.request_body_timeout_s,
+                            max_body_bytes=config.max_request_body_bytes, count=rt.metrics.inc)
+    app.wsgi_app = rt.guard
     app.extensions["ssp_sam"] = rt
     app.before_request(_before_request)
     app.after_request(_after_request)
@@ -187,6 +202,14 @@ def create_app(config: Optional[BackendConfig] = None, *, predictor_factory=None
     for rule, view, methods in ROUTES:
         app.add_url_rule(rule, view_func=view, methods=methods)
     return app
+
+
+class BufferedClient(FlaskClient):
+    """Flask's test client, reading each response to its end as a WSGI server does (so the guard's admission slot
+    is released when the response is done, not when the test happens to close it)."""
+
+    def open(self, *args, buffered: bool = True, **kwargs):
+        return super().open(*args, buffered=buffered, **kwargs)
 
 
 def _prime_version(manager: ModelManager) -> None:
@@ -248,7 +271,7 @@ def health():
 def setup():
     rt = _rt()
     data = _json_body()
-    project_id = project_id_of(data.get("project"))
+    project_id = _project_param(data.get("project"), "'project'")
     if data.get("schema") is not None:
         _parse_config(data["schema"])
     hostname, token = data.get("hostname"), data.get("access_token")
@@ -264,6 +287,8 @@ def predict():
     tasks = data.get("tasks")
     if not isinstance(tasks, list):
         raise ApiError(400, "'tasks' must be a list of tasks")
+    project_id = _project_param(data.get("project"), "'project'")
+    _check_task_ids(tasks)
     label_config = data.get("label_config")
     if not isinstance(label_config, str) or not label_config.strip():
         raise ApiError(400, "'label_config' (the project's labeling config XML) is required")
@@ -276,7 +301,7 @@ def predict():
         raise ApiError(400, "'params.context' must be an object or null")
     if not tasks:
         return jsonify({"results": [], "model_version": rt.model_version()})
-    model = SSPSAMBackend(rt, project_id=project_id_of(data.get("project")), label_config=label_config)
+    model = SSPSAMBackend(rt, project_id=project_id, label_config=label_config)
     try:
         body = model.predict(tasks, context=context).to_json()
     except ModelUnavailable as exc:
@@ -291,14 +316,29 @@ def webhook():
     data = _json_body()
     action = data.get("action")
     if not isinstance(action, str) or not action:
-        raise ApiError(400, "webhook payload has no 'action'")
+        raise ApiError(400, "webhook payload has no 'action' (a non-empty string)")
     if action not in CORRECTION_ACTIONS:
         rt.metrics.inc("events_ignored")
         return jsonify({"status": "Unknown event"}), 200
-    event_id = rt.require_store().enqueue_event(action, data)   # durable; the correction worker does the rest
+    try:
+        validate_webhook(action, data)
+    except InvalidWebhook as exc:
+        rt.metrics.inc("events_invalid")
+        raise ApiError(400, f"invalid {action} payload: {exc}") from None
+    event_id = _enqueue(rt, action, data)        # durable; the correction worker does the rest
     rt.metrics.inc("events_enqueued")
     rt.notify_worker()
     return jsonify({"status": "ok", "event_id": event_id}), 201
+
+
+def _enqueue(rt: Runtime, action: str, data: dict) -> int:
+    store = rt.require_store()
+    try:
+        return store.enqueue_event(action, data)
+    except Exception as exc:
+        logger.exception("enqueue_event failed (request %s)", g.get("request_id"))
+        raise ApiError(503, f"the corrections datastore failed ({type(exc).__name__}); the event was not recorded, "
+                            f"request id {g.get('request_id', '?')}") from None
 
 
 def metrics():
@@ -315,6 +355,8 @@ def metrics():
             out["datastore_error"] = f"statistics failed ({type(exc).__name__})"
     elif rt.store_error:
         out["datastore_error"] = "datastore unavailable"
+    if rt.guard is not None:
+        serving["admission"] = rt.guard.stats()
     serving["model"] = rt.manager.info()
     serving["media_cache"] = rt.media.stats()
     emb = rt.manager.cache_stats()
@@ -338,10 +380,32 @@ ROUTES = (("/", health, ["GET"]), ("/health", health, ["GET"]), ("/setup", setup
 
 # ---------------------------------------------------------------------- helpers
 def _json_body() -> dict:
-    data = request.get_json(silent=True, force=True)
-    if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    return data
+    try:
+        return parse_json_object(request.get_data(cache=True))
+    except BadJson as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+def _project_param(value, where: str) -> Optional[int]:
+    """A project as /setup and /predict name it, or None when absent; 400 when it is there but no id."""
+    if value is None or value == "":
+        return None
+    project_id = project_id_of(value)
+    if project_id is None:
+        raise ApiError(400, f"{where} must be a 64-bit integer project id, \"<id>.<timestamp>\" or {{\"id\": <id>}}; "
+                            f"got {describe_value(value)}")
+    return project_id
+
+
+def _check_task_ids(tasks: list) -> None:
+    """400 when a task object's ``id`` or ``project`` is there but is no id (other task faults stay per task)."""
+    for i, t in enumerate(tasks):
+        if not isinstance(t, dict):
+            continue
+        if t.get("id") is not None and as_int(t["id"]) is None:
+            raise ApiError(400, f"tasks[{i}].id must be a 64-bit integer id; got {describe_value(t['id'])}")
+        _project_param(t.get("project"), f"tasks[{i}].project")
+
 
 
 def _parse_config(label_config: str):

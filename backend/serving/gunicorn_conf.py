@@ -1,7 +1,8 @@
 """gunicorn settings read from the environment (``gunicorn -c python:backend.serving.gunicorn_conf backend.serving.wsgi:app``).
 
 ``PORT`` (9090), ``HOST`` (127.0.0.1; use 0.0.0.0 in a container), ``WORKERS`` (1: each worker holds its own copy of
-the model), ``THREADS`` (4: concurrent requests per worker; inference is thread-safe), ``GUNICORN_TIMEOUT`` (300 s,
+the model), ``THREADS`` (8: pool threads per worker; at most THREADS - 1 requests are admitted into the app at once,
+see backend/serving/guard.py; inference is thread-safe), ``GUNICORN_TIMEOUT`` (300 s,
 a long batch /predict must not get the worker killed), ``LOG_LEVEL``. ``preload_app`` stays False: the model is
 never loaded in the master (CUDA cannot be re-initialised in forked workers).
 """

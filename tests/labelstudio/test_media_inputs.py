@@ -39,13 +39,13 @@ def test_newline_in_an_image_url_cannot_forge_a_log_line(make_app, requests_mock
     url = "/data/upload/1/a.png\n2030-01-01 00:00:00,000 ERROR [1] backend: FORGED line"
     requests_mock.get(rmock.ANY, status_code=404)
     client = make_app().test_client()
-    r = client.post("/predict", json={"tasks": [task("7\nFORGED task id", url, "the thing")], "project": "1.1",
+    r = client.post("/predict", json={"tasks": [task(7, url, "the thing")], "project": "1.1",
                                       "label_config": LABEL_CONFIG})
     assert r.status_code == 200
     messages = [rec.getMessage() for rec in caplog.records]
     assert any("FORGED" in m for m in messages)                    # the text is logged...
     assert not [m for m in messages if "\n" in m and "FORGED" in m]   # ...but never on a line of its own
-    reliability("Media inputs", "a newline in an image URL and in a task id",
+    reliability("Media inputs", "a newline in an image URL",
                 "task image '/data/upload/1/a.png\\n2030-01-01 ... ERROR ... FORGED line'",
                 "every log record stays one line; the newline is written as \\n")
 

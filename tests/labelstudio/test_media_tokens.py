@@ -126,11 +126,12 @@ def test_predict_after_foreign_setup_sends_no_token_there(make_app, requests_moc
     assert client.post("/setup", json={"project": "1.1", "hostname": EVIL}).status_code == 200
     r = client.post("/predict", json={"tasks": [task(7, "/data/upload/1/a.png", "the thing")],
                                       "project": "1.1", "label_config": LABEL_CONFIG})
-    assert r.status_code == 200 and r.get_json()["results"][0]["result"] == []
+    answer = r.get_json()["results"][0]
+    assert r.status_code == 200 and "result" not in answer and "LABEL_STUDIO_ALLOWED_HOSTS" in answer["error"]
     assert all(LEGACY_TOKEN not in (a or "") for a in _auth_headers(requests_mock, "evil.test"))
     reliability(AREA, "token and a foreign /setup hostname",
                 "POST /setup hostname=http://evil.test (no auth), then /predict",
-                "no Authorization header sent to evil.test; the task gets an empty result")
+                "no Authorization header sent to evil.test; the task gets an error naming LABEL_STUDIO_ALLOWED_HOSTS, no result")
 
 
 def test_correction_worker_after_foreign_setup_sends_no_token_there(tmp_path, requests_mock, reliability):

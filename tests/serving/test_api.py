@@ -65,7 +65,8 @@ def test_setup_rejects_unusable_config(client):
 def test_setup_requires_json(client):
     r = client.post("/setup", data="not json", content_type="text/plain")
     assert r.status_code == 400
-    assert r.get_json() == {"status": 400, "error": "request body must be a JSON object"}
+    assert r.get_json() == {"status": 400,
+                            "error": "the request body is not valid JSON: Expecting value at line 1 column 1"}
 
 
 # ---------------------------------------------------------------------- predict

@@ -13,14 +13,18 @@ ENV_NAMES = ["LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "BAS
              "DEVICE", "DTYPE", "MASK_THRESHOLD", "EMBEDDING_CACHE_MB", "PROMPT_FIELDS", "WEBHOOK_SECRET",
              "LOCAL_FILES_DOCUMENT_ROOT", "HOST", "GUNICORN_TIMEOUT", "PREDICT_BATCH_SIZE", "PRELOAD_MODEL",
              "RELOAD_INTERVAL_S", "MEDIA_CACHE_DIR", "MEDIA_CACHE_MB", "MEDIA_TIMEOUT_S", "DATASTORE_URL",
-             "LABEL_STUDIO_ALLOWED_HOSTS", "MAX_DOWNLOAD_MB", "MAX_IMAGE_PIXELS", "MEDIA_ALLOW_PRIVATE_NETWORKS"]
+             "LABEL_STUDIO_ALLOWED_HOSTS", "MAX_DOWNLOAD_MB", "MAX_IMAGE_PIXELS", "MEDIA_ALLOW_PRIVATE_NETWORKS",
+             "REQUEST_BODY_TIMEOUT_S", "MAX_REQUEST_BODY_MB"]
 
 
 def test_defaults():
     c = BackendConfig.from_env({})
     assert c.variant == "demo" and c.device == "auto" and c.dtype == "auto"
     assert c.prompt_fields == ("text", "prompt", "caption", "expression")
-    assert (c.port, c.workers, c.threads, c.mask_threshold, c.embedding_cache_mb) == (9090, 1, 4, 0.0, 512)
+    assert (c.port, c.workers, c.threads, c.mask_threshold, c.embedding_cache_mb) == (9090, 1, 8, 0.0, 512)
+    assert (c.request_body_timeout_s, c.max_request_body_mb, c.max_request_body_bytes) == (15.0, 256, 256 * 2**20)
+    assert c.max_in_flight == 7                                  # THREADS - 1: one thread stays free for /health
+    assert BackendConfig.from_env({"THREADS": "1"}).max_in_flight == 1
     assert c.label_studio_url is None and not c.basic_auth_enabled
 
 
@@ -43,6 +47,8 @@ def test_parsing_and_fallbacks():
     ({"MAX_IMAGE_PIXELS": "0"}, "MAX_IMAGE_PIXELS"), ({"MAX_DOWNLOAD_MB": "x"}, "MAX_DOWNLOAD_MB"),
     ({"MEDIA_ALLOW_PRIVATE_NETWORKS": "10.0.0.0/33"}, "MEDIA_ALLOW_PRIVATE_NETWORKS"),
     ({"LABEL_STUDIO_ALLOWED_HOSTS": "ls:8080"}, "LABEL_STUDIO_ALLOWED_HOSTS"),
+    ({"REQUEST_BODY_TIMEOUT_S": "0"}, "REQUEST_BODY_TIMEOUT_S"), ({"REQUEST_BODY_TIMEOUT_S": "soon"}, "REQUEST_BODY"),
+    ({"MAX_REQUEST_BODY_MB": "0"}, "MAX_REQUEST_BODY_MB"), ({"MAX_REQUEST_BODY_MB": "1.5"}, "MAX_REQUEST_BODY_MB"),
 ])
 def test_bad_values(env, fragment):
     with pytest.raises(ConfigError, match=fragment):

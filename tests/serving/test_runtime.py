@@ -52,7 +52,8 @@ def test_worker_factory_failure_does_not_break_the_app(tmp_path):
         raise RuntimeError("nope")
     app = create_app(make_config(tmp_path), predictor_factory=lambda c, k: FakePredictor(),
                      store_factory=lambda c: FakeStore(), worker_factory=boom)
-    r = app.test_client().post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1}})
+    r = app.test_client().post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1},
+                                                 "annotation": {"id": 1}})
     assert r.status_code == 201
 
 
