@@ -26,16 +26,11 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import shutil
-import statistics
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
@@ -44,65 +39,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from backend.labelstudio.brush import region_mask  # noqa: E402
-from ssp_sam.metrics import iou  # noqa: E402
+from ssp_sam.metrics import MetricAccumulator, iou  # noqa: E402
 from backend.learning.finetune import add_round_arguments, config_from_args, is_heldout, run_once  # noqa: E402
 from bench.common import machine, portable, write_json  # noqa: E402
 from ssp_sam.io import write_text_atomic  # noqa: E402
 from tests.fakes import wait_until_idle  # noqa: E402
+from tests.local_http import LocalMediaServer  # noqa: E402
 from tests.payloads import TEST_LABEL_CONFIG, annotation_event  # noqa: E402
 
 log = logging.getLogger("bench.learn_from_corrections")
 TOKEN = "bench-legacy-token-0123456789"
 PROJECT = 1
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# a stand-in for Label Studio's media endpoints
-# ---------------------------------------------------------------------------------------------------------------------
-
-class MediaServer:
-    def __init__(self, files: dict[str, bytes]):
-        self.files = files
-        self.requests = 0
-        srv = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_GET(self):
-                srv.requests += 1
-                if self.headers.get("Authorization") not in (f"Token {TOKEN}", f"Bearer {TOKEN}"):
-                    self.send_response(401)
-                    self.end_headers()
-                    return
-                parts = urlsplit(self.path)
-                name = None
-                if parts.path.startswith("/data/upload/"):
-                    name = parts.path[len("/data/"):]
-                elif parts.path.rstrip("/") == "/storage-data/uploaded":
-                    name = parse_qs(parts.query).get("filepath", [None])[0]
-                data = srv.files.get(name or "")
-                if data is None:
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
 
 
 def _png(img: np.ndarray) -> bytes:
@@ -146,16 +93,13 @@ def predict_masks(client, tasks: list[dict]) -> tuple[dict[int, np.ndarray | Non
 
 
 def served_miou(preds: dict, truth: dict, ids: list[int]) -> dict:
-    ious, inter, union = [], 0, 0
+    """Metrics of the served masks against the truth (plain IoU: an empty answer to an empty truth scores 1)."""
+    acc = MetricAccumulator()
     for i in ids:
         gt = truth[i].astype(bool)
-        p = preds.get(i)
-        p = np.zeros_like(gt) if p is None else p
-        ious.append(iou(p, gt))
-        inter += int(np.logical_and(p, gt).sum())
-        union += int(np.logical_or(p, gt).sum())
-    return {"mIoU": float(np.mean(ious)) if ious else float("nan"), "oIoU": inter / union if union else float("nan"),
-            "Pr@0.90": float(np.mean([x >= 0.9 for x in ious])) if ious else float("nan"), "n": len(ious)}
+        acc.add(np.zeros_like(gt) if preds.get(i) is None else preds[i], gt, threshold=1)
+    m = acc.compute()
+    return {k: m[k] for k in ("mIoU", "oIoU", "Pr@0.90")} | {"n": int(m["n"])}
 
 
 def fresh_eval(scenes, variant: str, parent_path: str | None, published_path: str | None) -> dict:
@@ -177,7 +121,7 @@ def fresh_eval(scenes, variant: str, parent_path: str | None, published_path: st
     return out
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200, help="corrections to send")
     ap.add_argument("--seed", dest="data_seed", type=int, default=2026,
@@ -201,7 +145,157 @@ def main(argv=None) -> int:
                          "sentence mix, another seed, never sent as corrections): a larger, less noisy test than "
                          "the held-out tasks (0: off)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "learn_from_corrections.json"))
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def scene_config(args):
+    """Novel-domain scenes. By default every sentence refers to something ("none" kind left out); --none-share adds
+    no-target sentences, which the annotator submits without a region (no-target samples)."""
+    from ssp_sam.data.synthetic import SyntheticConfig
+
+    weights = {"attr": 0.40, "abs_pos": 0.18, "rel_pos": 0.12, "ordinal": 0.10, "multi": 0.20}
+    weights = {k: v * (1 - args.none_share) for k, v in weights.items()}
+    if args.none_share > 0:
+        weights["none"] = args.none_share
+    sizes = {k: v for k, v in (("min_size", args.min_size), ("max_size", args.max_size)) if v}
+    return SyntheticConfig(domain="novel", kind_weights=weights, **sizes)
+
+
+def build_project(args, media: LocalMediaServer) -> tuple[list[dict], dict[int, np.ndarray]]:
+    """The Label Studio project: one uploaded image and sentence per task (served by ``media``), and the truth."""
+    from ssp_sam.data.synthetic import SyntheticDataset
+
+    data = SyntheticDataset(args.n, seed=args.data_seed, config=scene_config(args))
+    tasks, truth = [], {}
+    for i in range(args.n):
+        s = data[i]
+        url = media.add_upload(f"novel_{i:04d}.png", _png(s.image), project=PROJECT)
+        tasks.append({"id": 1000 + i, "project": PROJECT, "data": {"image": url, "text": s.sentence}})
+        truth[1000 + i] = s.mask
+    return tasks, truth
+
+
+def backend_env(args, fcfg, model_dir: Path, media: LocalMediaServer) -> dict:
+    env = {"MODEL_DIR": str(model_dir), "LABEL_STUDIO_URL": media.origin, "LABEL_STUDIO_API_KEY": TOKEN,
+           "SSP_SAM_VARIANT": fcfg.model.variant, "LOG_LEVEL": "WARNING", "RELOAD_INTERVAL_S": "0.5"}
+    if fcfg.model.checkpoint:
+        env["SSP_SAM_CHECKPOINT"] = fcfg.model.checkpoint
+    if args.datastore_url:
+        env["DATASTORE_URL"] = args.datastore_url
+    if args.ignore_empty:
+        env["EMPTY_ANNOTATION_IS_NO_TARGET"] = "false"
+    return env
+
+
+def annotate(pred: np.ndarray | None, gt: np.ndarray, accept_iou: float) -> tuple[str, np.ndarray | None]:
+    """The simulated annotator: (region origin, submitted mask)."""
+    if not gt.any():              # nothing matches: submitted without a region (the predicted one deleted, if any)
+        return "empty", None
+    if pred is not None and pred.any():
+        return ("prediction", pred) if iou(pred, gt) >= accept_iou else ("prediction-changed", gt)
+    return "manual", gt
+
+
+def submit_corrections(client, tasks: list[dict], preds: dict, truth: dict, base_version: str,
+                       accept_iou: float) -> tuple[dict, list[float]]:
+    """Every task annotated and posted as Label Studio's ``ANNOTATION_CREATED`` webhook; (origins, latencies)."""
+    origins = {"prediction": 0, "prediction-changed": 0, "manual": 0, "empty": 0}
+    lat = []
+    for k, task in enumerate(tasks):
+        origin, submitted = annotate(preds.get(task["id"]), truth[task["id"]].astype(bool), accept_iou)
+        origins[origin] += 1
+        payload = annotation_event("ANNOTATION_CREATED", 50_000 + k, task["id"], PROJECT, task["data"]["image"],
+                                   task["data"]["text"], submitted, origin=origin, region_id=f"reg{k}",
+                                   completed_by=7, lead_time=5.0 + (k % 13), model_version=base_version,
+                                   parent_prediction=90_000 + k)
+        payload["task"]["data"] = dict(task["data"])
+        t0 = time.perf_counter()
+        r = client.post("/webhook", json=payload)
+        lat.append(time.perf_counter() - t0)
+        if r.status_code not in (200, 201):
+            raise RuntimeError(f"/webhook: {r.status_code} {r.get_data(as_text=True)[:300]}")
+    return origins, lat
+
+
+def wait_for_samples(store, result: dict) -> None:
+    t = time.time()
+    if not wait_until_idle(store, timeout=600):
+        raise RuntimeError(f"the correction worker did not drain the inbox: {store.stats()['events']}")
+    result["ingest_s"] = round(time.time() - t, 2)
+    st = store.stats()
+    result["inbox"] = {k: st["events"][k] for k in ("done", "failed", "pending")}
+    result["samples"] = st["samples"]
+    log.info("ingested %d samples in %.1f s (events %s)", st["samples"]["active"], result["ingest_s"], result["inbox"])
+    if st["events"]["failed"]:
+        raise RuntimeError(f"failed events: {st['events']['failed_recent'][:3]}")
+
+
+def finetune_round(fcfg, store, model_dir: Path, out: Path, result: dict) -> dict:
+    """``run_once`` as ``ssp-sam finetune`` runs it; its report and curve are copied beside ``out``."""
+    rep = run_once(dataclasses.replace(fcfg, model_dir=str(model_dir)), store=store)
+    if rep.get("decision") == "skipped":
+        raise SystemExit(f"the fine-tuning round was skipped: {rep.get('reason')}")
+    result["finetune"] = {k: rep.get(k) for k in ("run_id", "decision", "reason", "version", "n_train", "n_heldout",
+                                                   "train_s", "eval_s", "steps", "delta_mIoU_points", "curve")}
+    keys = ("mIoU", "oIoU", "Pr@0.90", "N-acc", "n", "n_empty")
+    result["heldout_before"] = {k: rep["before"].get(k) for k in keys}
+    result["heldout_after"] = {k: rep["after"].get(k) for k in keys}
+    run_dir = model_dir / "runs" / rep["run_id"]
+    result["report"] = str(run_dir / "report.json")
+    write_text_atomic(out.with_name(out.stem + "_report.json"),
+                      json.dumps(portable(json.loads((run_dir / "report.json").read_text())), indent=2))
+    if (run_dir / "curve.png").exists():
+        shutil.copyfile(run_dir / "curve.png", out.with_name(out.stem + "_curve.png"))
+    return rep
+
+
+def served_after_reload(rt, client, tasks: list[dict], truth: dict, held_ids: list[int], result: dict) -> None:
+    """The backend hot-reloads the published version; ``/predict`` again on the held-out tasks."""
+    rt.manager.check_for_update(force=True)
+    rt.manager.wait_for_reload(timeout=120)
+    held = set(held_ids)
+    preds, version, _ = predict_masks(client, [t for t in tasks if t["id"] in held])
+    result["served_version_after"] = version
+    result["served_after"] = served_miou(preds, truth, held_ids)
+
+
+def play_project(args, fcfg, model_dir: Path, out: Path, result: dict) -> dict:
+    """Steps 1-5 of the module docstring, through the real backend; returns the round's report."""
+    from backend.config import BackendConfig
+    from backend.serving.app import create_app
+
+    with LocalMediaServer(token=TOKEN) as media:
+        tasks, truth = build_project(args, media)
+        held_ids = [t["id"] for t in tasks if is_heldout(t["id"], fcfg.heldout_fraction, PROJECT)]
+        result["n_heldout_tasks"] = len(held_ids)
+        app = create_app(BackendConfig.from_env(backend_env(args, fcfg, model_dir, media)))
+        client, rt = app.test_client(), app.extensions["ssp_sam"]
+        try:
+            t = time.time()
+            preds, base_version, _ = predict_masks(client, tasks)
+            result["predict_s_per_task"] = round((time.time() - t) / len(tasks), 3)
+            result["base_version"] = base_version
+            result["served_before"] = served_miou(preds, truth, held_ids)
+            log.info("/predict on %d tasks: %.1f s; served held-out mIoU %.2f", len(tasks), time.time() - t,
+                     100 * result["served_before"]["mIoU"])
+            origins, lat = submit_corrections(client, tasks, preds, truth, base_version, args.accept_iou)
+            result["origins"] = origins
+            result["webhook_latency_ms"] = {"p50": round(1000 * _pct(lat, 50), 2),
+                                            "p95": round(1000 * _pct(lat, 95), 2),
+                                            "max": round(1000 * max(lat), 2), "n": len(lat)}
+            store = rt.store()
+            wait_for_samples(store, result)
+            rep = finetune_round(fcfg, store, model_dir, out, result)
+            if rep.get("decision") == "published" and not args.no_served_eval:
+                served_after_reload(rt, client, tasks, truth, held_ids, result)
+            result["version_stats"] = store.version_stats()
+        finally:
+            rt.stop()
+    return rep
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     fcfg = dataclasses.replace(config_from_args(args, env={}), datastore_url=args.datastore_url)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("backend.serving.app", "backend.serving.model", "werkzeug", "urllib3", "label_studio_sdk"):
@@ -211,140 +305,18 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(fcfg.train.threads)
 
-    from ssp_sam.data.synthetic import SyntheticConfig, SyntheticDataset
-
     t_all = time.time()
     model_dir = Path(args.model_dir or tempfile.mkdtemp(prefix="learn-from-corrections-"))
     model_dir.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # by default every sentence refers to something ("none" kind left out); --none-share adds no-target sentences,
-    # which the annotator submits without a region (kept as no-target samples, EMPTY_ANNOTATION_IS_NO_TARGET)
-    weights = {"attr": 0.40, "abs_pos": 0.18, "rel_pos": 0.12, "ordinal": 0.10, "multi": 0.20}
-    weights = {k: v * (1 - args.none_share) for k, v in weights.items()}
-    if args.none_share > 0:
-        weights["none"] = args.none_share
-    syn_kw = {"domain": "novel", "kind_weights": weights}
-    if args.min_size:
-        syn_kw["min_size"] = args.min_size
-    if args.max_size:
-        syn_kw["max_size"] = args.max_size
-    data = SyntheticDataset(args.n, seed=args.data_seed, config=SyntheticConfig(**syn_kw))
-    files, tasks, truth = {}, [], {}
-    for i in range(args.n):
-        s = data[i]
-        tid = 1000 + i
-        name = f"upload/{PROJECT}/novel_{i:04d}.png"
-        files[name] = _png(s.image)
-        tasks.append({"id": tid, "project": PROJECT, "data": {"image": f"/data/{name}", "text": s.sentence}})
-        truth[tid] = s.mask
-    held_ids = [t["id"] for t in tasks if is_heldout(t["id"], fcfg.heldout_fraction, PROJECT)]
-
-    env = {"MODEL_DIR": str(model_dir), "LABEL_STUDIO_URL": None, "LABEL_STUDIO_API_KEY": TOKEN,
-           "SSP_SAM_VARIANT": fcfg.model.variant, "LOG_LEVEL": "WARNING", "RELOAD_INTERVAL_S": "0.5"}
-    if fcfg.model.checkpoint:
-        env["SSP_SAM_CHECKPOINT"] = fcfg.model.checkpoint
-    if args.datastore_url:
-        env["DATASTORE_URL"] = args.datastore_url
-    if args.ignore_empty:
-        env["EMPTY_ANNOTATION_IS_NO_TARGET"] = "false"
     result: dict = {"machine": machine(), "n": args.n, "seed": args.data_seed, "heldout_fraction": fcfg.heldout_fraction,
-                    "n_heldout_tasks": len(held_ids), "model_dir": str(model_dir), "args": vars(args)}
-
-    with MediaServer(files) as media:
-        env["LABEL_STUDIO_URL"] = media.url
-        from backend.serving.app import create_app
-        from backend.config import BackendConfig
-
-        config = BackendConfig.from_env({k: v for k, v in env.items() if v is not None})
-        app = create_app(config)
-        client = app.test_client()
-        rt = app.extensions["ssp_sam"]
-
-        # ---- 1. pre-annotations --------------------------------------------------------------------------------
-        t = time.time()
-        preds, base_version, pred_lat = predict_masks(client, tasks)
-        result["predict_s_per_task"] = round((time.time() - t) / len(tasks), 3)
-        result["base_version"] = base_version
-        result["served_before"] = served_miou(preds, truth, held_ids)
-        log.info("/predict on %d tasks: %.1f s; served held-out mIoU %.2f", len(tasks), time.time() - t,
-                 100 * result["served_before"]["mIoU"])
-
-        # ---- 2. the annotator submits; LS posts webhooks ----------------------------------------------------------
-        origins = {"prediction": 0, "prediction-changed": 0, "manual": 0, "empty": 0}
-        lat = []
-        for k, task in enumerate(tasks):
-            tid = task["id"]
-            p = preds.get(tid)
-            gt = truth[tid].astype(bool)
-            if not gt.any():  # nothing matches: submitted without a region (the predicted one deleted, if any)
-                origin, submitted = "empty", None
-            elif p is not None and p.any() and iou(p, gt) >= args.accept_iou:
-                origin, submitted = "prediction", p
-            elif p is not None and p.any():
-                origin, submitted = "prediction-changed", gt
-            else:
-                origin, submitted = "manual", gt
-            origins[origin] += 1
-            payload = annotation_event("ANNOTATION_CREATED", 50_000 + k, tid, PROJECT, task["data"]["image"],
-                                       task["data"]["text"], submitted, origin=origin, region_id=f"reg{k}",
-                                       completed_by=7, lead_time=5.0 + (k % 13), model_version=base_version,
-                                       parent_prediction=90_000 + k)
-            payload["task"]["data"] = dict(task["data"])
-            t0 = time.perf_counter()
-            r = client.post("/webhook", json=payload)
-            lat.append(time.perf_counter() - t0)
-            if r.status_code not in (200, 201):
-                raise RuntimeError(f"/webhook: {r.status_code} {r.get_data(as_text=True)[:300]}")
-        result["webhook_latency_ms"] = {"p50": round(1000 * _pct(lat, 50), 2), "p95": round(1000 * _pct(lat, 95), 2),
-                                        "max": round(1000 * max(lat), 2), "n": len(lat)}
-        result["origins"] = origins
-        store = rt.store()
-        t = time.time()
-        if not wait_until_idle(store, timeout=600):
-            raise RuntimeError(f"the correction worker did not drain the inbox: {store.stats()['events']}")
-        result["ingest_s"] = round(time.time() - t, 2)
-        st = store.stats()
-        result["inbox"] = {k: st["events"][k] for k in ("done", "failed", "pending")}
-        result["samples"] = st["samples"]
-        log.info("ingested %d samples in %.1f s (events %s)", st["samples"]["active"], result["ingest_s"],
-                 result["inbox"])
-        if st["events"]["failed"]:
-            raise RuntimeError(f"failed events: {st['events']['failed_recent'][:3]}")
-
-        # ---- 3. fine-tune and publish ----------------------------------------------------------------------------
-        fcfg = dataclasses.replace(fcfg, model_dir=str(model_dir))
-        rep = run_once(fcfg, store=store)
-        if rep.get("decision") == "skipped":
-            raise SystemExit(f"the fine-tuning round was skipped: {rep.get('reason')}")
-        result["finetune"] = {k: rep.get(k) for k in ("run_id", "decision", "reason", "version", "n_train",
-                                                       "n_heldout", "train_s", "eval_s", "steps",
-                                                       "delta_mIoU_points", "curve")}
-        keys = ("mIoU", "oIoU", "Pr@0.90", "N-acc", "n", "n_empty")
-        result["heldout_before"] = {k: rep["before"].get(k) for k in keys}
-        result["heldout_after"] = {k: rep["after"].get(k) for k in keys}
-        result["report"] = str(model_dir / "runs" / rep["run_id"] / "report.json")
-        # keep the trainer's report and curve beside --out (the model dir may be temporary)
-        run_dir = model_dir / "runs" / rep["run_id"]
-        write_text_atomic(out.with_name(out.stem + "_report.json"),
-                          json.dumps(portable(json.loads((run_dir / "report.json").read_text())), indent=2))
-        if (run_dir / "curve.png").exists():
-            shutil.copyfile(run_dir / "curve.png", out.with_name(out.stem + "_curve.png"))
-
-        # ---- 4. the backend reloads the published version; /predict again on held-out tasks ---------------------
-        if rep.get("decision") == "published" and not args.no_served_eval:
-            mgr = rt.manager
-            mgr.check_for_update(force=True)
-            if hasattr(mgr, "wait_for_reload"):
-                mgr.wait_for_reload(timeout=120)
-            held_tasks = [t for t in tasks if t["id"] in set(held_ids)]
-            preds2, v2, _ = predict_masks(client, held_tasks)
-            result["served_version_after"] = v2
-            result["served_after"] = served_miou(preds2, truth, held_ids)
-        result["version_stats"] = store.version_stats()
-        rt.stop()
+                    "model_dir": str(model_dir), "args": vars(args)}
+    rep = play_project(args, fcfg, model_dir, out, result)
     if args.fresh_eval > 0:
-        fresh = SyntheticDataset(args.fresh_eval, seed=args.data_seed + 100_000, config=SyntheticConfig(**syn_kw))
+        from ssp_sam.data.synthetic import SyntheticDataset
+
+        fresh = SyntheticDataset(args.fresh_eval, seed=args.data_seed + 100_000, config=scene_config(args))
         # "before" is the model the round fine-tuned from: the base, or the version already published in --model-dir
         result["fresh"] = fresh_eval(fresh, fcfg.model.variant, rep["parent"]["path"],
                                      rep.get("version_path") if rep.get("decision") == "published" else None)

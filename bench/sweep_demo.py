@@ -10,7 +10,6 @@ seen, not by time; on the 2-core CPU run one or two at a time. The winner's sett
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import os

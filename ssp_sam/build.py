@@ -9,7 +9,6 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +21,7 @@ from .modeling.ssp_sam import SSPSAM
 
 log = logging.getLogger(__name__)
 
-from .versioning import DEMO_CHECKPOINT, default_checkpoint, file_digest, weights_version  # noqa: F401
+from .versioning import DEMO_CHECKPOINT, default_checkpoint, weights_version  # noqa: F401
 
 # SAM image encoders of segment-anything's registry (build_sam.py).
 SAM_ENCODERS: dict[str, dict[str, Any]] = {

@@ -14,7 +14,6 @@ Safe loading (``weights_only=True``) is used everywhere; TorchScript archives ar
 from __future__ import annotations
 
 import logging
-import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -110,12 +110,15 @@ class LocalServer:
 
 class LocalMediaServer(LocalServer):
     """``files``: path (with its query, e.g. ``/storage-data/uploaded/?filepath=upload/1/a.png``, or without) ->
-    bytes. ``delay_s``: seconds to wait before each answer (a slow Label Studio)."""
+    bytes. ``delay_s``: seconds to wait before each answer (a slow Label Studio). ``token``: when given, a request
+    without ``Authorization: Token <token>`` (or ``Bearer <token>``) gets ``401``, as from Label Studio."""
 
-    def __init__(self, files: dict[str, bytes] | None = None, port: Optional[int] = None, delay_s: float = 0.0):
+    def __init__(self, files: dict[str, bytes] | None = None, port: Optional[int] = None, delay_s: float = 0.0,
+                 token: Optional[str] = None):
         super().__init__({}, port=port)
         self.files = dict(files or {})
         self.delay_s = delay_s
+        self.token = token
 
     def add_upload(self, name: str, content: bytes, project: int = 1) -> str:
         """Serve ``content`` as Label Studio serves an upload; returns the URL a task's data holds."""
@@ -129,5 +132,10 @@ class LocalMediaServer(LocalServer):
         def answer(h: BaseHTTPRequestHandler) -> None:
             if self.delay_s:
                 time.sleep(self.delay_s)
-            send_bytes(h, body or b"", status=200 if body is not None else 404)
+            if self.token and h.headers.get("Authorization") not in (f"Token {self.token}", f"Bearer {self.token}"):
+                send_bytes(h, b'{"detail": "Authentication credentials were not provided."}', status=401,
+                           content_type="application/json")
+            else:
+                send_bytes(h, body or b"", status=200 if body is not None else 404,
+                           content_type="image/png" if body is not None else "text/plain")
         return answer

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,7 +96,7 @@ def test_round_publishes_then_skips_then_rejects(tmp_path, tiny_base, requests_m
     assert rep["decision"] == "published", rep.get("reason")
     ptr = json.loads((tmp_path / "versions" / "current.json").read_text())
     assert set(ptr) >= {"version", "path", "parent", "created_at", "metrics"}
-    from ssp_sam.build import file_digest
+    from ssp_sam.versioning import file_digest
 
     # the parent is named as the backend serves the base model: <variant>-<sha8 of the file>
     assert ptr["version"] == rep["version"] and ptr["parent"] == f"tiny-{file_digest(tiny_base)}"

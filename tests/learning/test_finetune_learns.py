@@ -8,7 +8,6 @@ import io
 import json
 import os
 
-import numpy as np
 import pytest
 import requests
 from PIL import Image
