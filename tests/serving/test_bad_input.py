@@ -57,7 +57,7 @@ BAD_JSON = [
 def test_malformed_json_is_a_clear_400(client, store, reliability, path, case, raw, fragment):
     error = _assert_clear_4xx(_post_raw(client, path, raw), 400, fragment)
     assert store.events == []
-    reliability("malformed bodies", f"{path}: {case}", _short(raw), f"400 {error!r}")
+    reliability("Malformed bodies", f"{path}: {case}", _short(raw), f"400 {error!r}")
 
 
 # ---------------------------------------------------------------------- ids on /setup and /predict
@@ -73,7 +73,7 @@ BAD_IDS = [("project 1e308 (finite, out of 64 bits)", {"project": 1e308}, "'proj
 def test_setup_and_predict_refuse_ids_that_are_no_ids(client, reliability, case, fields, fragment):
     for path, body in (("/setup", {"project": "1.1", **fields}), ("/predict", {**predict_body([]), **fields})):
         error = _assert_clear_4xx(client.post(path, json=body), 400, fragment)
-        reliability("ids", f"{path}: {case}", json.dumps(fields), f"400 {error!r}")
+        reliability("Request ids", f"{path}: {case}", json.dumps(fields), f"400 {error!r}")
 
 
 @pytest.mark.reliability
@@ -83,7 +83,7 @@ def test_setup_and_predict_refuse_ids_that_are_no_ids(client, reliability, case,
 def test_predict_refuses_task_ids_that_are_no_ids(client, reliability, task, fragment):
     body = predict_body([{"id": 1, "data": {}}, task])
     error = _assert_clear_4xx(client.post("/predict", json=body), 400, fragment)
-    reliability("ids", f"/predict: {fragment} = {json.dumps(task)[:60]}", "a task list with one bad id",
+    reliability("Request ids", f"/predict: {fragment} = {json.dumps(task)[:60]}", "a task list with one bad id",
                 f"400 {error!r}")
 
 
@@ -142,7 +142,7 @@ INVALID_WEBHOOKS = [
 def test_invalid_webhook_payloads_never_reach_the_queue(client, store, reliability, case, payload, fragment):
     error = _assert_clear_4xx(client.post("/webhook", json=payload), 400, fragment)
     assert store.events == []
-    reliability("webhook validation", f"{payload.get('action')}: {case}", json.dumps(payload)[:120],
+    reliability("Webhook validation", f"{payload.get('action')}: {case}", json.dumps(payload)[:120],
                 f"400 {error!r}, nothing queued")
 
 
@@ -179,7 +179,7 @@ def test_a_failing_datastore_insert_is_a_503_not_a_500(client, store, monkeypatc
     r = client.post("/webhook", json=CREATED)
     error = _assert_clear_4xx(r, 503, "not recorded")
     assert "/var/lib" not in error
-    reliability("webhook validation", "the datastore insert raises", "a valid ANNOTATION_CREATED",
+    reliability("Webhook validation", "the datastore insert raises", "a valid ANNOTATION_CREATED",
                 f"503 {error!r}")
 
 
@@ -217,7 +217,7 @@ def test_hostile_label_configs_are_refused(client, reliability, case, config):
     for path, body in (("/setup", {"project": "1.1", "schema": config}),
                        ("/predict", predict_body([], label_config=config))):
         error = _assert_clear_4xx(client.post(path, json=body), 400)
-        reliability("labeling config", f"{path}: {case}", _short(config.encode("utf-8", "surrogatepass"), 60),
+        reliability("Labeling configs", f"{path}: {case}", _short(config.encode("utf-8", "surrogatepass"), 60),
                     f"400 {error!r}")
     with pytest.raises(LabelConfigError):        # the parser itself refuses it, whoever calls it (the worker too)
         parse_label_config(config)

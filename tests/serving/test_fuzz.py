@@ -232,7 +232,7 @@ def test_fuzz_predict_bodies(fuzz_app, reliability):
         assert len(store.events) == before
         return status
 
-    seen = run_property(reliability, "fuzz", "/predict bodies (valid shapes, hostile values)",
+    seen = run_property(reliability, "Fuzzing (Hypothesis)", "/predict bodies (valid shapes, hostile values)",
                         as_bytes(PREDICT_BODIES), post)
     assert seen[200] and seen[400]              # the strategy reaches both the model and the refusals
 
@@ -247,7 +247,7 @@ def test_fuzz_webhook_bodies(fuzz_app, reliability):
         check_queue(store, before, status)
         return status
 
-    seen = run_property(reliability, "fuzz", "/webhook bodies (valid shapes, hostile values)",
+    seen = run_property(reliability, "Fuzzing (Hypothesis)", "/webhook bodies (valid shapes, hostile values)",
                         as_bytes(WEBHOOK_BODIES), post)
     assert seen[201] and seen[400] and seen[200]
 
@@ -265,14 +265,14 @@ def test_fuzz_label_configs(fuzz_app, reliability):
             assert (s1 == 200) == (s2 == 200)   # both endpoints read a config the same way
         return s2
 
-    seen = run_property(reliability, "fuzz", "labeling configs through /setup and /predict", label_configs(), post)
+    seen = run_property(reliability, "Fuzzing (Hypothesis)", "labeling configs through /setup and /predict", label_configs(), post)
     assert seen[200] and seen[400]
 
 
 @pytest.mark.reliability
 def test_fuzz_setup_bodies(fuzz_app, reliability):
     client, _, tmp = fuzz_app
-    run_property(reliability, "fuzz", "/setup bodies", as_bytes(SETUP_BODIES),
+    run_property(reliability, "Fuzzing (Hypothesis)", "/setup bodies", as_bytes(SETUP_BODIES),
                  lambda raw: check_response(client.post("/setup", data=raw, content_type="application/json"), tmp))
 
 
@@ -287,7 +287,7 @@ def test_fuzz_raw_bytes(fuzz_app, reliability):
         check_queue(store, before, statuses[1])
         return statuses[1]
 
-    run_property(reliability, "fuzz", "raw bytes to /predict, /webhook and /setup", RAW_BYTES, post)
+    run_property(reliability, "Fuzzing (Hypothesis)", "raw bytes to /predict, /webhook and /setup", RAW_BYTES, post)
 
 
 @pytest.mark.reliability
@@ -312,7 +312,7 @@ def test_fuzz_webhooks_into_a_real_sqlite_store(tmp_path, reliability):
         return status
 
     try:
-        seen = run_property(reliability, "fuzz", "/webhook bodies into a real SQLite datastore",
+        seen = run_property(reliability, "Fuzzing (Hypothesis)", "/webhook bodies into a real SQLite datastore",
                             as_bytes(WEBHOOK_BODIES), post)
     finally:
         store.close()

@@ -55,7 +55,7 @@ def test_requests_beyond_threads_minus_one_get_503_and_health_still_answers(make
     assert health.status_code == 200 and root.status_code == 200
     assert held["r"].status_code == 200
     assert app.test_client().post("/webhook", json=webhook_payload("ANNOTATION_CREATED")).status_code == 201
-    reliability("slow clients", "a second request while THREADS=2 (1 admitted) is busy with a /predict",
+    reliability("Slow clients", "a second request while THREADS=2 (1 admitted) is busy with a /predict",
                 "POST /webhook, GET /health, GET / during the /predict",
                 f"/webhook {busy.status_code} Retry-After {busy.headers['Retry-After']}; /health "
                 f"{health.status_code}; / {root.status_code}; the /predict then {held['r'].status_code}")
@@ -120,7 +120,7 @@ def test_the_body_deadline_is_total_not_per_read(every_s, reliability):
         client_end.close()
     assert info.value.status == 408 and "0.5 s" in info.value.message
     assert client_still_sending                   # cut by the deadline, not by the client giving up
-    reliability("slow clients", f"body {'stalls' if every_s is None else 'drips a byte every 50 ms'} "
+    reliability("Slow clients", f"body {'stalls' if every_s is None else 'drips a byte every 50 ms'} "
                 "(socket pair, buffered reader)", "Content-Length 10000, REQUEST_BODY_TIMEOUT_S=0.5",
                 f"{info.value.status} {info.value.message!r}")
 

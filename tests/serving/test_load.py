@@ -89,7 +89,7 @@ def _report(reliability, result, warm_kb, peak_kb, end_kb, cache, queued, n_webh
                 f"{1000 * max(result.latencies[endpoint] or [float('nan')]):.0f} ms, "
                 f"statuses {dict(result.statuses[endpoint])}")
         print(line)
-        reliability("load", f"{endpoint} latency under load", f"{CLIENTS} clients, {REQUESTS} mixed requests, demo "
+        reliability("Load under gunicorn", f"{endpoint} latency under load", f"{CLIENTS} clients, {REQUESTS} mixed requests, demo "
                     f"model on the CPU, THREADS={CLIENTS + 1}", line)
     errors = f"{len(result.errors)} errors, {result.not_sent} not sent, in {result.seconds:.0f} s"
     memory = (f"worker VmRSS after warm-up {warm_kb / 1024:.0f} MB, peak {peak_kb / 1024:.0f} MB, at the end "
@@ -99,4 +99,4 @@ def _report(reliability, result, warm_kb, peak_kb, end_kb, cache, queued, n_webh
     queue_line = f"{queued} events in the datastore for {n_webhooks} webhooks sent"
     for case, got in (("errors", errors), ("worker memory", memory), ("webhooks durably queued", queue_line)):
         print(case, "->", got)
-        reliability("load", case, f"{CLIENTS} clients, {REQUESTS} requests, {time.strftime('%Y-%m-%d')}", got)
+        reliability("Load under gunicorn", case, f"{CLIENTS} clients, {REQUESTS} requests, {time.strftime('%Y-%m-%d')}", got)

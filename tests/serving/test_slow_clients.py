@@ -84,7 +84,7 @@ def test_stalled_and_dripping_bodies_are_cut_with_408(server, reliability):
         assert status == 408, body
         _assert_json_error(408, body)
         assert str(BODY_TIMEOUT_S).rstrip("0").rstrip(".") in body["error"]
-        reliability("slow clients", case, f"POST with Content-Length 4096, REQUEST_BODY_TIMEOUT_S={BODY_TIMEOUT_S}",
+        reliability("Slow clients", case, f"POST with Content-Length 4096, REQUEST_BODY_TIMEOUT_S={BODY_TIMEOUT_S}",
                     f"{status} {body['error']!r} after {client.sent} bytes")
 
 
@@ -106,7 +106,7 @@ def test_slow_body_clients_cannot_starve_health(server, reliability):
         _assert_json_error(status, body)
         if status == 503:
             assert headers.get("Retry-After") == "1"
-    reliability("slow clients", f"6 slow-body clients (3 dripping, 3 stalled) on THREADS={THREADS}, then /health x3",
+    reliability("Slow clients", f"6 slow-body clients (3 dripping, 3 stalled) on THREADS={THREADS}, then /health x3",
                 "raw sockets, Content-Length 4096, one byte every 0.2 s or none",
                 f"/health {health}; slow clients {sorted(statuses)} (408 = deadline, 503 = over THREADS-1 in flight)")
 
@@ -145,7 +145,7 @@ def test_chunked_body_over_the_limit_gets_413(server, reliability):
     status, body = _send_chunked(server.port, "/predict", total)
     assert status == 413, body
     _assert_json_error(413, body)
-    reliability("oversize bodies", "chunked body over MAX_REQUEST_BODY_MB (no Content-Length)",
+    reliability("Oversize bodies", "chunked body over MAX_REQUEST_BODY_MB (no Content-Length)",
                 f"{total} bytes chunked, MAX_REQUEST_BODY_MB={LIMIT_MB}", f"{status} {body['error']!r}")
 
 
@@ -163,7 +163,7 @@ def test_announced_body_over_the_limit_gets_413_without_being_read(server, relia
         conn.close()
     assert resp.status == 413, body
     _assert_json_error(413, body)
-    reliability("oversize bodies", "Content-Length over MAX_REQUEST_BODY_MB, body never sent",
+    reliability("Oversize bodies", "Content-Length over MAX_REQUEST_BODY_MB, body never sent",
                 f"Content-Length {50 * 2**20}, 1 byte sent", f"{resp.status} {body['error']!r}")
 
 
@@ -194,7 +194,7 @@ def test_a_refused_keep_alive_client_is_told_to_reconnect(server, reliability):
     assert busy.status_code == 503 and busy.headers.get("Connection", "").lower() == "close", busy.headers
     assert held == [408] * (THREADS - 1)
     assert again.status_code == 201, again.text
-    reliability("slow clients", "keep-alive client refused while THREADS-1 slow bodies hold the slots",
+    reliability("Slow clients", "keep-alive client refused while THREADS-1 slow bodies hold the slots",
                 "requests.Session: POST /webhook, then again once the slow bodies are cut",
                 f"{busy.status_code} with Connection: {busy.headers.get('Connection')}; slow bodies {held}; "
                 f"the same session then {again.status_code}")
