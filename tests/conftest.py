@@ -75,6 +75,20 @@ def ls_media(requests_mock):
 RELIABILITY_LOG = os.environ.get("RELIABILITY_LOG")
 
 
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> str:
+    """A bundle (``ssp_sam.checkpoints.save_bundle``) of the untrained ``tiny`` variant, seed 0: a base model for
+    fine-tuning and hot-reload tests. Treat it as read-only."""
+    from ssp_sam.build import build_model
+    from ssp_sam.checkpoints import save_bundle
+    from ssp_sam.tokenizer import load_tokenizer
+
+    model = build_model("tiny", seed=0)
+    path = tmp_path_factory.mktemp("tiny-bundle") / "tiny.pt"
+    save_bundle(model, load_tokenizer(model.spec), path, meta={"version": "tiny-base"})
+    return str(path)
+
+
 @pytest.fixture
 def reliability(request):
     """``reliability(area, case, sent, got)``: record one case for docs/reliability.md (a no-op unless the

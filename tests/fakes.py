@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import threading
 import time
+import tracemalloc
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -143,3 +144,22 @@ def wait_until_idle(store, timeout: float = 30.0, poll: float = 0.05) -> bool:
             return True
         time.sleep(poll)
     return False
+
+
+class TracedPeak:
+    """``with TracedPeak() as mem: ...`` then ``mem.peak_bytes``: the peak of Python-traced allocations (numpy,
+    PIL and bytes buffers included) inside the block."""
+
+    peak_bytes = 0
+
+    def __enter__(self) -> "TracedPeak":
+        tracemalloc.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.peak_bytes = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+
+    @property
+    def mib(self) -> float:
+        return self.peak_bytes / 2 ** 20

@@ -11,7 +11,6 @@ import struct
 import subprocess
 import threading
 import time
-import tracemalloc
 import zlib
 
 import numpy as np
@@ -20,7 +19,7 @@ import pytest
 from backend.labelstudio.media import MediaError, MediaFetcher
 from backend.learning.corrections import CorrectionWorker, WorkerConfig
 from backend.learning.datastore import open_datastore
-from tests.fakes import make_config, png_bytes
+from tests.fakes import TracedPeak, make_config, png_bytes
 from tests.local_http import LocalServer, send_bytes
 from tests.payloads import annotation_event
 
@@ -94,18 +93,13 @@ class Drip:
 def test_gzip_bomb_stops_at_the_decoded_size_bound(tmp_path, reliability):
     with LocalServer({"/bomb.png": gzip_bomb(GIB)}) as srv:
         f = fetcher(tmp_path, MAX_DOWNLOAD_MB="2")
-        tracemalloc.start()
-        try:
-            with pytest.raises(MediaError, match="MAX_DOWNLOAD_MB") as ei:
-                f.load_image(srv.url("/bomb.png"), task_id=7)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
-    assert peak < 64 * 2**20, f"peak {peak / 2**20:.0f} MiB"   # a 1 GiB body never gets near memory
+        with TracedPeak() as mem, pytest.raises(MediaError, match="MAX_DOWNLOAD_MB") as ei:
+            f.load_image(srv.url("/bomb.png"), task_id=7)
+    assert mem.mib < 64, f"peak {mem.mib:.0f} MiB"            # a 1 GiB body never gets near memory
     assert not [n for n in os.listdir(f.cache_dir) if not n.startswith(".")]   # nothing partial cached
     reliability(AREA, "gzip bomb (1 GiB of zeros in about 1 MB, Content-Encoding: gzip)",
                 "an image URL on a test server, MAX_DOWNLOAD_MB=2",
-                f"{ei.value}; traced peak memory {peak / 2**20:.0f} MiB; nothing cached")
+                f"{ei.value}; traced peak memory {mem.mib:.0f} MiB; nothing cached")
 
 
 def test_content_length_over_the_bound_is_refused_before_reading(tmp_path, reliability):
@@ -158,15 +152,10 @@ def test_oversize_image_header_is_refused_before_decoding(tmp_path, reliability)
     assert len(data) < 200_000
     with LocalServer({"/huge.png": lambda h: send_bytes(h, data, content_type="image/png")}) as srv:
         f = fetcher(tmp_path)
-        tracemalloc.start()
-        try:
-            with pytest.raises(MediaError, match="MAX_IMAGE_PIXELS") as ei:
-                f.load_image(srv.url("/huge.png"), task_id=7)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        with TracedPeak() as mem, pytest.raises(MediaError, match="MAX_IMAGE_PIXELS") as ei:
+            f.load_image(srv.url("/huge.png"), task_id=7)
     assert "task 7" in str(ei.value)
-    assert peak < 64 * 2**20
+    assert mem.mib < 64
     reliability(AREA, f"a 19000x19000 PNG of {len(data) // 1000} kB (361 MP)",
                 "an image URL on a test server, MAX_IMAGE_PIXELS default (50 MP)", str(ei.value))
 

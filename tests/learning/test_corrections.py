@@ -13,7 +13,7 @@ from PIL import Image
 
 from backend.learning.corrections import CorrectionWorker, WorkerConfig, image_url, parent_model_version
 from backend.learning.datastore import open_datastore
-from tests.fakes import wait_until_idle
+from tests.fakes import TracedPeak, wait_until_idle
 from tests.learning import postgres
 from tests.payloads import annotation_event, brush_result
 
@@ -418,22 +418,16 @@ def test_replay_payloads_captured_from_label_studio(store, requests_mock):
 
 @pytest.mark.reliability
 def test_a_brush_rle_declaring_four_billion_values_is_refused_before_decoding(store, worker, reliability):
-    import tracemalloc
-
     bomb = brush_result(_mask(), "bomb")
     rle = bomb["value"]["rle"]
     bomb["value"]["rle"] = [255, 255, 255, 255] + rle[4:]        # the header declares 2^32 - 1 values
     p = _ev(aid=60, extra_results=[bomb])
-    tracemalloc.start()
-    try:
+    with TracedPeak() as mem:
         ev = _send(store, worker, p)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
     kept = [s["region_id"] for s in store.list_samples() if s["annotation_id"] == 60]
     assert ev["status"] == "done" and kept == ["r1"] and "4294967295" in ev["result"]
-    assert peak < 64 * 2 ** 20                                  # decoding it would need 4 GiB
+    assert mem.mib < 64                                         # decoding it would need 4 GiB
     reliability("Corrections", "a brush RLE whose header declares 2^32 - 1 values",
                 "ANNOTATION_CREATED with a good region and a 40x30 region whose RLE header says 4294967295",
                 f"the crafted region is rejected before decoding, the good one kept; traced peak memory "
-                f"{peak / 2 ** 20:.1f} MiB")
+                f"{mem.mib:.1f} MiB")

@@ -51,18 +51,6 @@ def ingest(store, requests_mock, samples, first_task: int = 1, origin: str = "ma
     assert store.stats()["events"]["failed"] == 0
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    from ssp_sam.build import build_model
-    from ssp_sam.checkpoints import save_bundle
-    from ssp_sam.tokenizer import load_tokenizer
-
-    model = build_model("tiny", seed=0)
-    path = tmp_path_factory.mktemp("base") / "tiny.pt"
-    save_bundle(model, load_tokenizer(model.spec), path, meta={"version": "tiny-base"})
-    return str(path)
-
-
 def _cfg(tmp_path, base, train=None, **kw) -> FinetuneConfig:
     """A CPU-sized round on the tiny variant: one epoch of at most two steps."""
     recipe = dict(epochs=1, max_steps=2, batch_size=4, lr=1e-3, lr_decoder=1e-3, eval_batch_size=8, **(train or {}))
@@ -83,7 +71,7 @@ def test_heldout_split_is_deterministic_and_by_task():
     assert not any(is_heldout(t, 0.0) for t in range(50))
 
 
-def test_round_publishes_then_skips_then_rejects(tmp_path, tiny_base, requests_mock):
+def test_round_publishes_then_skips_then_rejects(tmp_path, tiny_bundle, requests_mock):
     store = open_datastore(None, tmp_path)
     ingest(store, requests_mock, _synthetic(12, seed=3, min_size=48, max_size=64))
     store.enqueue_event("START_TRAINING", {"action": "START_TRAINING", "project": {"id": 1}})
@@ -92,14 +80,14 @@ def test_round_publishes_then_skips_then_rejects(tmp_path, tiny_base, requests_m
     assert versions.read_current(tmp_path) is None
 
     # 1) tolerance 1.0: always good enough -> published, pointer written, claim completed, request handled
-    rep = run_once(_cfg(tmp_path, tiny_base, tolerance=1.0), store=store)
+    rep = run_once(_cfg(tmp_path, tiny_bundle, tolerance=1.0), store=store)
     assert rep["decision"] == "published", rep.get("reason")
     ptr = json.loads((tmp_path / "versions" / "current.json").read_text())
     assert set(ptr) >= {"version", "path", "parent", "created_at", "metrics"}
     from ssp_sam.versioning import file_digest
 
     # the parent is named as the backend serves the base model: <variant>-<sha8 of the file>
-    assert ptr["version"] == rep["version"] and ptr["parent"] == f"tiny-{file_digest(tiny_base)}"
+    assert ptr["version"] == rep["version"] and ptr["parent"] == f"tiny-{file_digest(tiny_bundle)}"
     assert (tmp_path / "versions" / ptr["path"]).exists()
     assert store.count_new_samples() == 0 and store.pending_training_requests() == []
     assert [v["version"] for v in store.list_versions()] == [rep["version"]]
@@ -116,13 +104,13 @@ def test_round_publishes_then_skips_then_rejects(tmp_path, tiny_base, requests_m
     assert loaded.meta.get("version") == ptr["version"] and loaded.meta.get("parent") == ptr["parent"]
 
     # 2) nothing new -> skipped, pointer unchanged
-    rep2 = run_once(_cfg(tmp_path, tiny_base), store=store)
+    rep2 = run_once(_cfg(tmp_path, tiny_bundle), store=store)
     assert rep2["decision"] == "skipped" and "new samples" in rep2["reason"]
     assert json.loads((tmp_path / "versions" / "current.json").read_text())["version"] == ptr["version"]
 
     # 3) new corrections, impossible tolerance -> rejected: pointer unchanged, claim completed, reason recorded
     ingest(store, requests_mock, _synthetic(4, seed=4, min_size=48, max_size=64), first_task=100)
-    rep3 = run_once(_cfg(tmp_path, tiny_base, tolerance=-1.0), store=store)
+    rep3 = run_once(_cfg(tmp_path, tiny_bundle, tolerance=-1.0), store=store)
     assert rep3["decision"] == "rejected" and "held-out mIoU" in rep3["reason"]
     assert rep3["parent"]["version"] == ptr["version"]  # started from the published model
     assert json.loads((tmp_path / "versions" / "current.json").read_text())["version"] == ptr["version"]
@@ -132,7 +120,7 @@ def test_round_publishes_then_skips_then_rejects(tmp_path, tiny_base, requests_m
     store.close()
 
 
-def test_failed_round_releases_the_claim(tmp_path, tiny_base, requests_mock, monkeypatch):
+def test_failed_round_releases_the_claim(tmp_path, tiny_bundle, requests_mock, monkeypatch):
     store = open_datastore(None, tmp_path)
     ingest(store, requests_mock, _synthetic(8, seed=5, min_size=48, max_size=64))
     import ssp_sam.train
@@ -143,7 +131,7 @@ def test_failed_round_releases_the_claim(tmp_path, tiny_base, requests_mock, mon
     seen = []
     monkeypatch.setattr(ssp_sam.train, "train", lambda cfg, *a, **k: seen.append(cfg) or boom())
     with pytest.raises(RuntimeError):
-        run_once(_cfg(tmp_path, tiny_base, train={"aug_translate": False}), store=store)
+        run_once(_cfg(tmp_path, tiny_bundle, train={"aug_translate": False}), store=store)
     assert seen[0].aug_translate is False  # the round's options reach the trainer
     assert (seen[0].patch_loss_weight, seen[0].patch_head_fit_steps) == (0.0, 200)  # tiny's preset: no patch loss
     assert store.count_new_samples() == 8  # nothing lost
@@ -184,14 +172,14 @@ def test_options_come_from_the_environment_then_the_command_line(tmp_path):
         parser.parse_args(["finetune", "--aug-translate", "maybe"])
 
 
-def test_cli_and_watch(tmp_path, tiny_base, requests_mock, monkeypatch):
+def test_cli_and_watch(tmp_path, tiny_bundle, requests_mock, monkeypatch):
     import argparse
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
     register_cli(sub)
     args = parser.parse_args(["finetune", "--once", "--model-dir", str(tmp_path), "--variant", "tiny",
-                              "--base-checkpoint", tiny_base, "--heldout", "0.3", "--max-steps", "1",
+                              "--base-checkpoint", tiny_bundle, "--heldout", "0.3", "--max-steps", "1",
                               "--min-train", "2", "--min-heldout", "1", "--device", "cpu", "--tolerance", "1"])
     assert args.heldout_fraction == 0.3 and args.max_steps == 1 and args.tolerance == 1.0
     flags = parser.parse_args(["finetune", "--patch-loss-weight", "0", "--patch-head-fit-steps", "50"])
@@ -202,7 +190,7 @@ def test_cli_and_watch(tmp_path, tiny_base, requests_mock, monkeypatch):
     store = open_datastore(None, tmp_path)
     ingest(store, requests_mock, _synthetic(8, seed=6, min_size=48, max_size=64))
     stop = threading.Event()
-    cfg = _cfg(tmp_path, tiny_base, tolerance=1.0, every_samples=100, every_minutes=999, poll_s=0.05,
+    cfg = _cfg(tmp_path, tiny_bundle, tolerance=1.0, every_samples=100, every_minutes=999, poll_s=0.05,
                max_rounds=1)
     store.add_training_request(1)  # START_TRAINING triggers a round although only 8 < 100 samples are new
     reports = watch(cfg, store=store, stop=stop)
@@ -219,13 +207,13 @@ def test_ssp_sam_command_has_finetune():
 
 
 @pytest.mark.postgres
-def test_round_on_postgres(tmp_path, tiny_base, requests_mock):
+def test_round_on_postgres(tmp_path, tiny_bundle, requests_mock):
     from tests.learning import postgres
 
     store = open_datastore(postgres.require_postgres(), tmp_path, schema=postgres.new_schema_name())
     try:
         ingest(store, requests_mock, _synthetic(10, seed=8, min_size=48, max_size=64))
-        rep = run_once(_cfg(tmp_path, tiny_base, tolerance=1.0), store=store)
+        rep = run_once(_cfg(tmp_path, tiny_bundle, tolerance=1.0), store=store)
         assert rep["decision"] == "published"
         assert store.list_versions()[0]["version"] == rep["version"] and store.count_new_samples() == 0
     finally:

@@ -98,18 +98,6 @@ def test_a_live_worker_keeps_its_lease_while_an_event_takes_long(db, tmp_path, r
 # the trainer killed mid-round
 # ---------------------------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    from ssp_sam.build import build_model
-    from ssp_sam.checkpoints import save_bundle
-    from ssp_sam.tokenizer import load_tokenizer
-
-    model = build_model("tiny", seed=0)
-    path = tmp_path_factory.mktemp("base") / "tiny.pt"
-    save_bundle(model, load_tokenizer(model.spec), path)
-    return str(path)
-
-
 def _queue_corrections(store, n: int) -> None:
     from ssp_sam.data.synthetic import SyntheticConfig, SyntheticDataset
 
@@ -143,13 +131,13 @@ def _finetune_cmd(model_dir: Path, base: str, epochs: int) -> list[str]:
             "--batch-size", "2", "--curve-every", "0", "--threads", "1"]
 
 
-def test_trainer_killed_mid_round_loses_nothing_and_the_next_round_starts_cleanly(tmp_path, tiny_base,
+def test_trainer_killed_mid_round_loses_nothing_and_the_next_round_starts_cleanly(tmp_path, tiny_bundle,
                                                                                   reliability):
     model_dir = tmp_path / "md"
     store = open_datastore(None, model_dir)
     _queue_corrections(store, 10)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(_finetune_cmd(model_dir, tiny_base, epochs=10_000), cwd=ROOT, env=env,
+    proc = subprocess.Popen(_finetune_cmd(model_dir, tiny_bundle, epochs=10_000), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
@@ -170,7 +158,7 @@ def test_trainer_killed_mid_round_loses_nothing_and_the_next_round_starts_cleanl
     assert versions.read_current(model_dir) is None and not versions.pointer_path(model_dir).exists()
     assert all(s["consumed_at"] is None for s in store.list_samples())
 
-    done = subprocess.run(_finetune_cmd(model_dir, tiny_base, epochs=1), cwd=ROOT, env=env, capture_output=True,
+    done = subprocess.run(_finetune_cmd(model_dir, tiny_bundle, epochs=1), cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     published = versions.read_current(model_dir)

@@ -38,18 +38,6 @@ def _png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    from ssp_sam.build import build_model
-    from ssp_sam.checkpoints import save_bundle
-    from ssp_sam.tokenizer import load_tokenizer
-
-    model = build_model("tiny", seed=0)
-    path = tmp_path_factory.mktemp("base") / "tiny.pt"
-    save_bundle(model, load_tokenizer(model.spec), path)
-    return str(path)
-
-
 def _scenes(n: int):
     from ssp_sam.data.synthetic import SyntheticConfig, SyntheticDataset
 
@@ -83,7 +71,7 @@ def _expected_mask(model_dir: Path, base: str, version: str, image: np.ndarray, 
         image, sentence).mask
 
 
-def test_hot_reload_under_traffic(tmp_path, tiny_base, reliability):
+def test_hot_reload_under_traffic(tmp_path, tiny_bundle, reliability):
     model_dir = tmp_path / "md"
     scenes = _scenes(6)
     media = LocalMediaServer().start()
@@ -97,7 +85,7 @@ def test_hot_reload_under_traffic(tmp_path, tiny_base, reliability):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LABEL_STUDIO")}
     env.update({"HOST": "127.0.0.1", "PORT": str(port), "WORKERS": "2", "THREADS": "4", "MODEL_DIR": str(model_dir),
-                "SSP_SAM_VARIANT": "tiny", "SSP_SAM_CHECKPOINT": tiny_base, "DEVICE": "cpu", "RELOAD_INTERVAL_S": "0.2",
+                "SSP_SAM_VARIANT": "tiny", "SSP_SAM_CHECKPOINT": tiny_bundle, "DEVICE": "cpu", "RELOAD_INTERVAL_S": "0.2",
                 "LABEL_STUDIO_URL": media.origin, "LABEL_STUDIO_API_KEY": "legacy0123456789abcdef", "LOG_LEVEL": "WARNING"})
     log = tmp_path / "serve.log"
     server = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve"], cwd=ROOT, env=env,
@@ -128,7 +116,7 @@ def test_hot_reload_under_traffic(tmp_path, tiny_base, reliability):
         threads = [threading.Thread(target=client, args=(k,)) for k in range(CLIENTS)]
         for t in threads:
             t.start()
-        published = _publish_rounds(model_dir, tiny_base)
+        published = _publish_rounds(model_dir, tiny_bundle)
         deadline = time.monotonic() + 60              # traffic goes on until the last version answers
         while time.monotonic() < deadline and published[-1] not in {v for _, v, _ in answers}:
             time.sleep(0.1)
@@ -152,7 +140,7 @@ def test_hot_reload_under_traffic(tmp_path, tiny_base, reliability):
             got |= brush_rle_to_mask(region["value"]["rle"], h, w)
         key = (i, version)
         if key not in expected:
-            expected[key] = _expected_mask(model_dir, tiny_base, version, scenes[i].image, scenes[i].sentence)
+            expected[key] = _expected_mask(model_dir, tiny_bundle, version, scenes[i].image, scenes[i].sentence)
         assert iou(got, expected[key]) >= 0.98, (i, version)
     reliability("Hot reload under traffic", f"{ROUNDS} versions published while {CLIENTS} clients predict",
                 f"`ssp-sam finetune --once --force` {ROUNDS} times while {CLIENTS} threads call /predict on "
