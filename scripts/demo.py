@@ -33,7 +33,7 @@ from typing import Callable
 import requests
 from label_studio_sdk.core.api_error import ApiError
 
-from scripts.labelstudio_headless import (LS_VENV, ROOT, Login, StartError, ensure_ls_venv, free_port, port_is_free,
+from scripts.labelstudio_headless import (LS_VENV, ROOT, Login, StartError, free_port, port_is_free,
                                           start_label_studio, start_process, stop, tail, wait_http)
 
 PROJECT_TITLE = "SSP-SAM demo"
@@ -543,19 +543,19 @@ def print_next_steps(st: Settings, login: Login, project: dict) -> None:
   Backend       {st.backend_url}   trainer log {st.work / 'trainer.log'}
 
   1. Open the project and click a task: the sentence is in the text box and the model's mask is drawn on the image
-     (a task without a mask is the model saying "nothing matches").
-  2. Correct a few: erase or paint with the brush (label "object"), or type another sentence and press Enter for a
-     new mask (Auto-Annotation on). Submit each.
+     in magenta (a task without a mask is the model saying "nothing matches").
+  2. Correct a few: paint or erase with the brush (label "object"); or turn Auto-Annotation on, delete the sentence
+     (trash icon on the text box), type another and press Enter to ask the model for its mask. Submit each.
   3. After {TRAINER_ARGS[1]} corrections the trainer runs a round (a third of the tasks are held out to judge it) and
-     publishes a new version if it is not worse; the backend reloads it and Label Studio shows its version
-     (Settings > Model). Retrieve predictions again (Data Manager: select tasks > Actions) for its masks.
+     publishes a new version if it is not worse; the backend reloads it and Label Studio reports it (this terminal
+     says so). For its masks: Data Manager, select the tasks, tasks menu > Retrieve Predictions.
 
   Ctrl-C here (or scripts/demo.sh stop) stops Label Studio, the backend and the trainer.""")
 
 
 def watch_the_loop(st: Settings, project: dict, running: Running, logs: dict) -> None:
     """Report corrections, training rounds and the version Label Studio sees, until interrupted."""
-    seen = {"samples": None, "runs": set(), "ls_version": project["version"]}
+    seen = {"samples": None, "runs": None, "ls_version": project["version"]}
     store = None
     try:
         while True:
@@ -578,8 +578,11 @@ def report_learning(store, seen: dict) -> None:
             say(f"corrections: {samples} samples, {store.count_new_samples()} new since the last round "
                 f"(a round starts at {TRAINER_ARGS[1]})")
         seen["samples"] = samples
-    for run in store.list_runs():
-        if run["finished_at"] and run["run_id"] not in seen["runs"]:
+    finished = [run for run in store.list_runs() if run["finished_at"]]
+    if seen["runs"] is None:                      # rounds of an earlier run of the demo: not news
+        seen["runs"] = {run["run_id"] for run in finished}
+    for run in finished:
+        if run["run_id"] not in seen["runs"]:
             seen["runs"].add(run["run_id"])
             outcome = f"published {run['version']}" if run.get("published") else run["status"]
             say(f"trainer round {run['run_id']}: {outcome} - {run.get('reason')}")
@@ -592,7 +595,8 @@ def report_ls_version(project: dict, seen: dict) -> None:
         return
     if version != seen["ls_version"]:
         seen["ls_version"] = version
-        say(f"Label Studio now reports model version {version}: retrieve predictions again to see its masks")
+        say(f"Label Studio now reports model version {version}: Retrieve Predictions (Data Manager, tasks menu) "
+            f"gets its masks")
 
 
 def open_store(st: Settings):
@@ -634,9 +638,8 @@ def prepare(st: Settings, fresh: bool) -> Login:
     refuse_a_second_demo(st)
     if (fresh or st.check) and st.work.exists():
         shutil.rmtree(st.work)
-    ok, message = ensure_ls_venv(LS_VENV)
-    if not ok:
-        raise DemoError(f"cannot install Label Studio into {LS_VENV}: {message}")
+    if not (LS_VENV / "bin" / "label-studio").exists():     # scripts/demo.sh installs it first
+        raise DemoError(f"no Label Studio in {LS_VENV}: run scripts/ensure_label_studio.sh (or scripts/demo.sh)")
     return demo_login(st)
 
 

@@ -16,7 +16,7 @@ if [[ -z "$PY" ]]; then
   PY=.venv/bin/python
 fi
 if [[ "${1:-}" != "stop" ]]; then
-  scripts/ensure_label_studio.sh "${LS_VENV:-$ROOT/.venv-ls}" >/dev/null   # installs LS 1.23.2 once (~1 GB)
+  scripts/ensure_label_studio.sh "${LS_VENV:-$ROOT/.venv-ls}"   # installs Label Studio 1.23.2 once (about 1 GB)
 fi
 # exec: the Python controller takes this process's place, so Ctrl-C and `kill` reach it directly; it runs Label
 # Studio, the backend and the trainer each in its own process group and stops all of them on the way out.

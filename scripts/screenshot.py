@@ -9,7 +9,7 @@ label's colour, and saves a 1280x800 PNG (palette-compressed). It refuses to sav
     apt-get install -y chromium chromium-driver     # Debian's Chromium and its matching chromedriver
     pip install -r requirements-dev.txt             # selenium
     scripts/demo.sh                                 # in another terminal; wait for its "what to do" message
-    python scripts/screenshot.py --task 7           # the committed picture: task 7 of a fresh demo
+    python scripts/screenshot.py --task 27          # the committed picture: task 27 of a fresh demo
 
 Options: ``--url`` (default http://127.0.0.1:$DEMO_LS_PORT, 8080), ``--task`` (default: the task whose prediction
 with a mask scored highest), ``--out``, ``--size``; the login is read from the demo's ``login.json`` (DEMO_DIR).
