@@ -117,7 +117,7 @@ class Running:
                 raise DemoError(f"{name} exited with {proc.returncode}; log {logs[name]}:\n{tail(logs[name], 40)}")
 
     def stop_all(self) -> None:
-        for name, proc in reversed(list(self.procs.items())):
+        for proc in reversed(list(self.procs.values())):
             stop(proc, grace_s=10)
 
 
@@ -483,6 +483,24 @@ def submit_corrections(project: dict) -> list[int]:
     return chosen
 
 
+def wait_for_samples(st: Settings, n: int, logs: dict, timeout: float = 60) -> None:
+    """The webhook brought the corrections to the backend, whose worker turned them into training samples."""
+    def count() -> int:
+        store = open_store(st)
+        if store is None:
+            return 0
+        try:
+            return len(store.list_samples(active=True))
+        finally:
+            store.close()
+
+    if not wait_until(lambda: count() >= n, timeout):
+        raise DemoError(f"{count()} of {n} corrections reached the backend's datastore within {timeout:.0f} s (the "
+                        f"project webhook to /webhook delivers them); log {logs['backend']}:\n"
+                        f"{tail(logs['backend'], 30)}")
+    say(f"the backend queued the {n} corrections as training samples")
+
+
 def wait_until(predicate: Callable[[], object], timeout: float, every: float = 0.5):
     deadline = time.monotonic() + timeout
     while True:
@@ -509,9 +527,11 @@ def last_round(st: Settings) -> str:
 
 
 def run_check(st: Settings, project: dict, running: Running, logs: dict) -> None:
-    """Corrections -> the trainer publishes -> the backend serves it -> Label Studio reports it; bounded waits."""
+    """Corrections -> the backend queues them -> the trainer publishes -> the backend serves it -> Label Studio
+    reports it; bounded waits, each failure naming the step and the log to read."""
     t0 = time.monotonic()
-    submit_corrections(project)
+    chosen = submit_corrections(project)
+    wait_for_samples(st, len(chosen), logs)
 
     def published():
         running.check_alive(logs)

@@ -97,7 +97,7 @@ def test_check_runs_the_whole_loop_and_leaves_nothing_running(ls_venv, tmp_path)
     print(out[-2500:])
     print(f"demo.sh --check: {time.monotonic() - t0:.1f} s")
     assert r.returncode == 0, out[-4000:]
-    for step in ("tasks pre-annotated", "submitted corrections", "the trainer published",
+    for step in ("tasks pre-annotated", "submitted corrections", "queued the 3 corrections", "the trainer published",
                  "Label Studio reports it", "--check passed", "stopped"):
         assert step in out, step
     assert_nothing_left(tmp_path / "check", env)
