@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Capture the real webhook payloads Label Studio 1.23.2 sends, as test fixtures.
 
-Starts LS headless (tests/e2e/ls_harness.py), a tiny recording ML backend, then creates, updates, bulk-imports and
-deletes annotations and presses "Start Training". Each distinct action's first payload is written to
-``tests/fixtures/webhooks/<ACTION>.json`` (the unit tests replay them against /webhook).
+Starts LS headless (scripts/labelstudio_headless.py, with the tests' user), a tiny recording ML backend, then
+creates, updates, bulk-imports and deletes annotations and presses "Start Training". Each distinct action's first
+payload is written to ``tests/fixtures/webhooks/<ACTION>.json`` (the unit tests replay them against /webhook).
 
     .venv/bin/python scripts/capture_ls_webhooks.py [--out DIR]
 """
