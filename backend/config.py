@@ -101,13 +101,22 @@ def _private_networks(name: str, raw: Optional[str]) -> Union[bool, tuple]:
     return tuple(nets)
 
 
-def _weights_dir_variant(weights_dir: str, variant: str) -> str:
+def _weights_dir_variant(weights_dir: str, variant: str, auto_download: bool) -> str:
     """The variant served with ``SSP_SAM_WEIGHTS_DIR``: the folder's own when ``SSP_SAM_VARIANT`` is unset or the
-    default ``demo``; an error when it names another one or the folder is no weights folder."""
-    from ssp_sam.hub import WeightsError, read_manifest, resolve_variant
+    default ``demo``; an error when it names another one or the folder is no weights folder (unless AUTO_DOWNLOAD is
+    to fill it with an official variant's weights)."""
+    from ssp_sam.hub import OFFICIAL_WEIGHTS, WeightsError, read_manifest, resolve_variant
 
     try:
-        return resolve_variant(variant, read_manifest(weights_dir))
+        manifest = read_manifest(weights_dir)
+    except WeightsError as exc:
+        if auto_download and variant in OFFICIAL_WEIGHTS:
+            return variant                               # AUTO_DOWNLOAD downloads into this folder
+        hint = (f"; AUTO_DOWNLOAD fills it only for an official SSP_SAM_VARIANT ({', '.join(OFFICIAL_WEIGHTS)})"
+                if auto_download else "")
+        raise ConfigError(f"SSP_SAM_WEIGHTS_DIR: {exc}{hint}") from None
+    try:
+        return resolve_variant(variant, manifest)
     except WeightsError as exc:
         raise ConfigError(f"SSP_SAM_WEIGHTS_DIR: {exc}") from None
 
@@ -140,7 +149,8 @@ class BackendConfig:
     clip_checkpoint: Optional[str] = None         # CLIP_CHECKPOINT
     weights_dir: Optional[str] = None             # SSP_SAM_WEIGHTS_DIR (a folder `ssp-sam download-weights` wrote;
                                                   # its files stand in for the three above when they are unset)
-    auto_download: bool = False                   # AUTO_DOWNLOAD (official weights missing: fetch them at start)
+    auto_download: bool = False                   # AUTO_DOWNLOAD (official weights missing: fetch them at start
+                                                  # into SSP_SAM_WEIGHTS_DIR, else MODEL_DIR/weights/...)
     dataset: str = "refcoco"                      # SSP_SAM_DATASET (of the checkpoint AUTO_DOWNLOAD fetches)
     device: str = "auto"                          # DEVICE
     dtype: str = "auto"                           # DTYPE
@@ -178,9 +188,10 @@ class BackendConfig:
             raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {log_level!r}")
         dtype = (_get(env, "DTYPE", default="auto") or "auto").lower()
         weights_dir = _get(env, "SSP_SAM_WEIGHTS_DIR")
+        auto_download = _bool(env, "AUTO_DOWNLOAD", False)
         variant = _get(env, "SSP_SAM_VARIANT", default="demo")
         if weights_dir is not None:
-            variant = _weights_dir_variant(weights_dir, variant)
+            variant = _weights_dir_variant(weights_dir, variant, auto_download)
         dataset = _get(env, "SSP_SAM_DATASET", default="refcoco")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9+_.-]*", dataset):
             raise ConfigError(f"SSP_SAM_DATASET must be a dataset name such as refcoco, refcoco+ or refcocog, "
@@ -209,7 +220,7 @@ class BackendConfig:
             sam_checkpoint=_get(env, "SAM_CHECKPOINT"),
             clip_checkpoint=_get(env, "CLIP_CHECKPOINT"),
             weights_dir=weights_dir,
-            auto_download=_bool(env, "AUTO_DOWNLOAD", False),
+            auto_download=auto_download,
             dataset=dataset,
             device=_get(env, "DEVICE", default="auto"),
             dtype=dtype,

@@ -2,9 +2,9 @@
 
 1. ``SSP_SAM_CHECKPOINT`` / ``SAM_CHECKPOINT`` / ``CLIP_CHECKPOINT``: explicit files, always first;
 2. ``SSP_SAM_WEIGHTS_DIR``: a folder ``ssp-sam download-weights`` wrote (its files fill in the ones not given);
-3. ``AUTO_DOWNLOAD=true``, an official variant and neither of the above: the folder
-   ``MODEL_DIR/weights/<variant>-<dataset>``, downloaded in the background by :class:`AutoDownload` (the backend) or
-   before the first round (the trainer, :func:`trainer_weights_dir`);
+3. ``AUTO_DOWNLOAD=true``, an official variant, no ``SSP_SAM_CHECKPOINT`` and no complete weights folder: the folder
+   ``SSP_SAM_WEIGHTS_DIR`` names, else ``MODEL_DIR/weights/<variant>-<dataset>``, downloaded in the background by
+   :class:`AutoDownload` (the backend) or before the first round (the trainer, :func:`trainer_weights_dir`);
 4. an official variant with none of these: an error that names the command to run (:func:`missing_weights_message`).
 
 Downloads go through :func:`ssp_sam.hub.download_weights`, whose lock on the folder makes gunicorn workers, replicas
@@ -40,14 +40,16 @@ def is_official(variant: str) -> bool:
 
 
 def auto_weights_dir(config) -> str:
-    """The folder AUTO_DOWNLOAD fills: ``MODEL_DIR/weights/<variant>-<dataset>``."""
-    return os.path.join(config.model_dir, "weights", f"{config.variant}-{config.dataset}")
+    """The folder AUTO_DOWNLOAD fills: ``SSP_SAM_WEIGHTS_DIR``, else ``MODEL_DIR/weights/<variant>-<dataset>``."""
+    return config.weights_dir or os.path.join(config.model_dir, "weights", f"{config.variant}-{config.dataset}")
 
 
 def uses_auto_download(config) -> bool:
-    """AUTO_DOWNLOAD applies: it is on, the variant is official, and no checkpoint or weights folder is given."""
-    return bool(config.auto_download and is_official(config.variant) and not config.checkpoint
-                and not config.weights_dir)
+    """AUTO_DOWNLOAD applies: it is on, the variant is official, no checkpoint is given, and no complete weights
+    folder is."""
+    if not (config.auto_download and is_official(config.variant)) or config.checkpoint:
+        return False
+    return not config.weights_dir or not hub.folder_complete(config.weights_dir)
 
 
 def missing_weights_message(config) -> Optional[str]:
@@ -65,7 +67,7 @@ def weights_problem(config) -> Optional[str]:
     """What keeps the configured weights from being used, found without loading them (``ssp-sam serve`` checks it
     before starting): an official variant without weights, or a weights folder that lacks a file."""
     message = missing_weights_message(config)
-    if message or not config.weights_dir:
+    if message or not config.weights_dir or uses_auto_download(config):
         return message
     try:
         manifest = hub.read_manifest(config.weights_dir)
@@ -99,7 +101,7 @@ def weights_checkpoint(config) -> Optional[str]:
 def trainer_weights_dir(config) -> Optional[str]:
     """For ``ssp-sam finetune``: the weights folder to train from, downloading it first (blocking, with progress)
     when AUTO_DOWNLOAD applies; a backend downloading into the same folder is waited for."""
-    if config.weights_dir or not uses_auto_download(config):
+    if not uses_auto_download(config):
         return config.weights_dir
     folder = auto_weights_dir(config)
     if not hub.folder_complete(folder, config.variant, config.dataset):

@@ -644,8 +644,9 @@ def list_hub_files(repo: str = HF_REPO, revision: str = HF_REVISION) -> tuple[st
 
 
 def _progress_bar(tracker: _Tracker, name: str, quiet: bool):
-    """A tqdm class for huggingface_hub that also tells ``tracker`` (its own bar stays, unless ``quiet``)."""
-    from tqdm.auto import tqdm
+    """huggingface_hub's own progress bar (``HF_HUB_DISABLE_PROGRESS_BARS`` applies), also telling ``tracker``;
+    hidden when ``quiet``."""
+    from huggingface_hub.utils import tqdm
 
     class Bar(tqdm):
         def __init__(self, *args, **kwargs):

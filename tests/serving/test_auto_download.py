@@ -214,8 +214,24 @@ def test_workers_sharing_model_dir_download_once(homes, tmp_path):
 
 
 def test_the_trainer_downloads_before_its_first_round(homes, tmp_path):
-    cfg = FinetuneConfig.from_env({"MODEL_DIR": str(tmp_path / "md"), "SSP_SAM_VARIANT": "tiny",
-                                   "AUTO_DOWNLOAD": "true"})
-    ready = prepare_weights(cfg, env={"AUTO_DOWNLOAD": "true"})
+    env = {"MODEL_DIR": str(tmp_path / "md"), "SSP_SAM_VARIANT": "tiny", "AUTO_DOWNLOAD": "true"}
+    ready = prepare_weights(FinetuneConfig.from_env(env), env=env)
     assert ready.model.weights_dir == str(tmp_path / "md" / "weights" / "tiny-refcoco")
     assert hub.folder_complete(ready.model.weights_dir, "tiny", "refcoco")
+
+
+def test_auto_download_fills_the_weights_folder_it_is_given(homes, tmp_path):
+    named = str(tmp_path / "volume" / "tiny-refcoco")                   # e.g. on the compose `weights` volume
+    env = {"MODEL_DIR": str(tmp_path / "md"), "SSP_SAM_VARIANT": "tiny", "AUTO_DOWNLOAD": "true",
+           "SSP_SAM_WEIGHTS_DIR": named}
+    cfg = make_config(tmp_path, **env)
+    assert (cfg.variant, cfg.weights_dir, weights_problem(cfg)) == ("tiny", named, None)
+    with pytest.raises(ConfigError, match="AUTO_DOWNLOAD fills it only for an official SSP_SAM_VARIANT"):
+        make_config(tmp_path, **{**env, "SSP_SAM_VARIANT": "demo"})
+    manager = ModelManager(cfg, predictor_factory=RecordingFactory())
+    assert manager.version == "tiny-downloading" and manager.auto.folder == named
+    assert manager.auto.wait(30)
+    until(lambda: manager.loaded, "the model to load")
+    assert hub.folder_complete(named, "tiny", "refcoco")
+    assert prepare_weights(FinetuneConfig.from_env(env), env=env).model.weights_dir == named   # nothing to fetch
+    assert [homes.downloads(role) for role in ("checkpoint", "sam", "clip")] == [[0], [0], [0]]
