@@ -862,6 +862,10 @@ def _download_locked(folder: Path, variant: str, dataset: str, file: Optional[st
     manifest = WeightsManifest(folder=folder, variant=variant, dataset=dataset, files=records, request=request,
                                created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     manifest.write()
+    if old is not None:                       # a checkpoint the folder held before under another name goes
+        previous = old.files["checkpoint"]["name"]
+        if previous not in {rec["name"] for rec in records.values()}:
+            (folder / previous).unlink(missing_ok=True)
     return manifest
 
 

@@ -220,6 +220,7 @@ def test_nothing_matches_lists_the_files_and_file_overrides(homes, tmp_path, cap
     assert download(tmp_path / "w", "--file", homes.OTHER_DATASET) == 0
     rec = hub.read_manifest(tmp_path / "w").files["checkpoint"]
     assert rec["path"] == homes.OTHER_DATASET
+    assert (tmp_path / "w" / rec["name"]).read_bytes() == homes.server.repos[hub.HF_REPO][homes.OTHER_DATASET][0]
     assert download(tmp_path / "x", "--file", "nope.pth") == 1
     assert "has no file 'nope.pth'" in one_line_error(capsys)
 
@@ -231,3 +232,8 @@ def test_a_folder_keeps_to_its_weights(homes, tmp_path, capsys):
     assert "already holds tiny weights for refcoco" in one_line_error(capsys)
     assert run_cli(["download-weights", "--variant", "demo", "--out", str(out)]) == 1
     assert "no official weights for variant 'demo'" in one_line_error(capsys)
+    assert download(out, "--file", homes.OTHER_DATASET) == 0               # the same weights, another checkpoint
+    other = homes.server.repos[hub.HF_REPO][homes.OTHER_DATASET][0]
+    assert (out / "checkpoint_best_miou.pth").read_bytes() == other
+    assert hub.read_manifest(out).files["checkpoint"]["sha256"] == hashlib.sha256(other).hexdigest()
+    assert homes.downloads("sam") == homes.downloads("clip") == [0]       # SAM and CLIP were kept
