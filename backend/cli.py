@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "ssp_sam.evaluate",          # eval
     "ssp_sam.embed",             # embed
     "ssp_sam.data.synthetic",    # synth
+    "ssp_sam.hub",               # download-weights
     "backend.learning.finetune",  # finetune
     "backend.serving.serve",     # serve
     "backend.learning.datastore.cli",  # datastore

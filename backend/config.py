@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Mapping, Optional, Union
 
@@ -100,6 +101,26 @@ def _private_networks(name: str, raw: Optional[str]) -> Union[bool, tuple]:
     return tuple(nets)
 
 
+def _weights_dir_variant(weights_dir: str, variant: str, auto_download: bool) -> str:
+    """The variant served with ``SSP_SAM_WEIGHTS_DIR``: the folder's own when ``SSP_SAM_VARIANT`` is unset or the
+    default ``demo``; an error when it names another one or the folder is no weights folder (unless AUTO_DOWNLOAD is
+    to fill it with an official variant's weights)."""
+    from ssp_sam.hub import OFFICIAL_WEIGHTS, WeightsError, read_manifest, resolve_variant
+
+    try:
+        manifest = read_manifest(weights_dir)
+    except WeightsError as exc:
+        if auto_download and variant in OFFICIAL_WEIGHTS:
+            return variant                               # AUTO_DOWNLOAD downloads into this folder
+        hint = (f"; AUTO_DOWNLOAD fills it only for an official SSP_SAM_VARIANT ({', '.join(OFFICIAL_WEIGHTS)})"
+                if auto_download else "")
+        raise ConfigError(f"SSP_SAM_WEIGHTS_DIR: {exc}{hint}") from None
+    try:
+        return resolve_variant(variant, manifest)
+    except WeightsError as exc:
+        raise ConfigError(f"SSP_SAM_WEIGHTS_DIR: {exc}") from None
+
+
 @dataclass(frozen=True)
 class BackendConfig:
     # --- Label Studio connection (label-studio-ml names) ---
@@ -126,6 +147,11 @@ class BackendConfig:
     checkpoint: Optional[str] = None              # SSP_SAM_CHECKPOINT
     sam_checkpoint: Optional[str] = None          # SAM_CHECKPOINT
     clip_checkpoint: Optional[str] = None         # CLIP_CHECKPOINT
+    weights_dir: Optional[str] = None             # SSP_SAM_WEIGHTS_DIR (a folder `ssp-sam download-weights` wrote;
+                                                  # its files stand in for the three above when they are unset)
+    auto_download: bool = False                   # AUTO_DOWNLOAD (official weights missing: fetch them at start
+                                                  # into SSP_SAM_WEIGHTS_DIR, else MODEL_DIR/weights/...)
+    dataset: str = "refcoco"                      # SSP_SAM_DATASET (of the checkpoint AUTO_DOWNLOAD fetches)
     device: str = "auto"                          # DEVICE
     dtype: str = "auto"                           # DTYPE
     mask_threshold: float = 0.0                   # MASK_THRESHOLD (logit; 0.0 = probability 0.5)
@@ -161,6 +187,15 @@ class BackendConfig:
         if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {log_level!r}")
         dtype = (_get(env, "DTYPE", default="auto") or "auto").lower()
+        weights_dir = _get(env, "SSP_SAM_WEIGHTS_DIR")
+        auto_download = _bool(env, "AUTO_DOWNLOAD", False)
+        variant = _get(env, "SSP_SAM_VARIANT", default="demo")
+        if weights_dir is not None:
+            variant = _weights_dir_variant(weights_dir, variant, auto_download)
+        dataset = _get(env, "SSP_SAM_DATASET", default="refcoco")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9+_.-]*", dataset):
+            raise ConfigError(f"SSP_SAM_DATASET must be a dataset name such as refcoco, refcoco+ or refcocog, "
+                              f"got {dataset!r}")
         if dtype not in {"auto", "fp32", "bf16", "fp16"}:
             raise ConfigError(f"DTYPE must be auto, fp32, bf16 or fp16, got {dtype!r}")
         values = dict(
@@ -180,10 +215,13 @@ class BackendConfig:
             timeout=_int(env, "GUNICORN_TIMEOUT", 300, minimum=0),
             request_body_timeout_s=_float(env, "REQUEST_BODY_TIMEOUT_S", 15.0, minimum=0.1),
             max_request_body_mb=_int(env, "MAX_REQUEST_BODY_MB", 256, minimum=1),
-            variant=_get(env, "SSP_SAM_VARIANT", default="demo"),
+            variant=variant,
             checkpoint=_get(env, "SSP_SAM_CHECKPOINT"),
             sam_checkpoint=_get(env, "SAM_CHECKPOINT"),
             clip_checkpoint=_get(env, "CLIP_CHECKPOINT"),
+            weights_dir=weights_dir,
+            auto_download=auto_download,
+            dataset=dataset,
             device=_get(env, "DEVICE", default="auto"),
             dtype=dtype,
             mask_threshold=_float(env, "MASK_THRESHOLD", 0.0),

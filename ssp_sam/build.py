@@ -233,6 +233,8 @@ class ModelConfig:
                                        "bundle for the demo variant)")
     sam_checkpoint: str | None = opt(None, "segment-anything checkpoint (.pth) for the SAM parts")
     clip_checkpoint: str | None = opt(None, "OpenAI CLIP .pt (TorchScript or state dict) or a transformers CLIP folder")
+    weights_dir: str | None = opt(None, "a folder written by `ssp-sam download-weights` (weights.json): its files "
+                                        "stand in for the checkpoints not given, and its variant for the default")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = opt("auto", "auto, fp32, bf16 or fp16 (autocast on CUDA; the CPU runs fp32)")
     strict: bool = True                 # fail when a trained SSP-SAM part is missing from the checkpoint
@@ -279,8 +281,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def load_model(cfg: ModelConfig) -> LoadedModel:
     """Build the configured variant and load every weight file it names; returns a model in eval mode on device."""
     from . import checkpoints
+    from .hub import apply_weights_dir
     from .tokenizer import load_tokenizer
 
+    cfg = apply_weights_dir(cfg)
     checkpoint = default_checkpoint(cfg.variant, cfg.checkpoint)
     if checkpoint == str(DEMO_CHECKPOINT) and not DEMO_CHECKPOINT.exists():
         raise FileNotFoundError(f"the packaged demo model is missing: {DEMO_CHECKPOINT}")

@@ -33,6 +33,18 @@ def file_digest(path: str | os.PathLike, n: int = 8) -> str:
     return _DIGESTS[key][:n]
 
 
+def remember_digest(path: str | os.PathLike, sha256: str, size: int, mtime_ns: int) -> bool:
+    """Take a SHA-256 computed elsewhere (a weights manifest, written when the file was verified) for the file as
+    it is now, so that its version needs no second pass over gigabytes; only when its size and modification time are
+    still those it was verified with. Returns whether it was taken."""
+    st = os.stat(path)
+    if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+        return False
+    with _LOCK:
+        _DIGESTS[(os.path.abspath(path), st.st_size, st.st_mtime_ns)] = sha256
+    return True
+
+
 def default_checkpoint(variant: str, checkpoint: str | None) -> str | None:
     """The checkpoint a (variant, checkpoint) pair really uses: the packaged bundle for ``demo`` by default."""
     if checkpoint:

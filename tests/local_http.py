@@ -7,17 +7,21 @@ hang on it; ``start()``/``stop()`` (or the ``with`` block) may be used several t
 take a server down and bring it back.
 
 ``LocalMediaServer`` is a Label Studio stand-in built on it: it serves task images under the paths a task's data
-names, optionally ``delay_s`` late.
+names, optionally ``delay_s`` late. ``LocalWeightsServer`` plays the three homes of the official weights (a Hugging Face
+endpoint, the SAM and the CLIP download URLs), with the faults a download meets.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Optional
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 Handler = Callable[[BaseHTTPRequestHandler], None]
 
@@ -31,7 +35,8 @@ def send_bytes(handler: BaseHTTPRequestHandler, body: bytes, status: int = 200,
         for k, v in (headers or {}).items():
             handler.send_header(k, v)
         handler.end_headers()
-        handler.wfile.write(body)
+        if handler.command != "HEAD":
+            handler.wfile.write(body)
     except OSError:
         pass                                  # the client gave up (a timeout under test)
 
@@ -81,6 +86,8 @@ class LocalServer:
                     send_bytes(self, b"not found", status=404, content_type="text/plain")
                 else:
                     handler(self)
+
+            do_HEAD = do_GET                  # a handler answers HEAD with send_bytes, which then sends no body
 
             def log_message(self, *args):     # quiet
                 pass
@@ -139,3 +146,116 @@ class LocalMediaServer(LocalServer):
                 send_bytes(h, body or b"", status=200 if body is not None else 404,
                            content_type="image/png" if body is not None else "text/plain")
         return answer
+
+
+def git_blob_id(content: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+
+
+class LocalWeightsServer(LocalServer):
+    """The homes of the official weights on one local server:
+
+    * a Hugging Face endpoint (``HF_ENDPOINT``), with what huggingface_hub's ``model_info(files_metadata=True)`` and
+      ``hf_hub_download`` read: ``GET /api/models/<repo>/revision/<rev>`` (commit, files, sizes, blob ids, LFS
+      SHA-256) and ``HEAD``/``GET /<repo>/resolve/<rev>/<path>`` (``ETag``, ``X-Repo-Commit``, and for LFS files
+      ``X-Linked-Etag``/``X-Linked-Size``);
+    * plain file URLs (the SAM and CLIP bases: ``SAM_WEIGHTS_URL``, ``CLIP_WEIGHTS_URL``).
+
+    Every file answers ``Range: bytes=N-`` with ``206``. Faults, each for one path: ``truncate[path] = n`` sends the
+    first n bytes of the next answer (with the whole length announced) and drops the connection; ``gate[path] = Event``
+    sends half the body and the rest once the event is set; ``fail[path] = k`` answers the next k requests with 500.
+    ``downloads`` lists (path, first byte) of every GET that sent a file's body."""
+
+    COMMIT = "5d0c0ffee5d0c0ffee5d0c0ffee5d0c0ffee5d0c"
+
+    def __init__(self, port: Optional[int] = None):
+        super().__init__({}, port=port)
+        self.files: dict[str, bytes] = {}
+        self.repos: dict[str, dict[str, tuple[bytes, bool]]] = {}
+        self.truncate: dict[str, int] = {}
+        self.gate: dict[str, threading.Event] = {}
+        self.fail: dict[str, int] = {}
+        self.downloads: list[tuple[str, int]] = []
+
+    def add_file(self, path: str, content: bytes) -> str:
+        self.files[path] = content
+        return self.url(path)
+
+    def add_repo_file(self, repo: str, path: str, content: bytes, lfs: bool = True) -> str:
+        """Add a file to a repository; returns its URL path (the key of the fault tables)."""
+        self.repos.setdefault(repo, {})[path] = (content, lfs)
+        return f"/{repo}/resolve/{self.COMMIT}/{path}"
+
+    def handler_for(self, path: str) -> Optional[Handler]:
+        path = unquote(urlsplit(path).path)
+        return lambda h: self._answer(h, path)
+
+    def _answer(self, h: BaseHTTPRequestHandler, path: str) -> None:
+        if self.fail.get(path):
+            self.fail[path] -= 1
+            send_bytes(h, b"internal error (test)", status=500, content_type="text/plain")
+            return
+        m = re.fullmatch(r"/api/models/(.+)/revision/([^/]+)", path)
+        if m and m.group(1) in self.repos:
+            siblings = []
+            for name, (content, lfs) in sorted(self.repos[m.group(1)].items()):
+                s = {"rfilename": name, "size": len(content), "blobId": git_blob_id(content)}
+                if lfs:
+                    s["lfs"] = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest(), "pointerSize": 134}
+                siblings.append(s)
+            body = json.dumps({"id": m.group(1), "sha": self.COMMIT, "siblings": siblings}).encode()
+            send_bytes(h, body, content_type="application/json")
+            return
+        for repo, files in self.repos.items():
+            m = re.fullmatch(rf"/{re.escape(repo)}/resolve/([^/]+)/(.+)", path)
+            if m and m.group(2) in files:
+                content, lfs = files[m.group(2)]
+                headers = {"X-Repo-Commit": self.COMMIT, "ETag": f'"{git_blob_id(content)}"'}
+                if lfs:
+                    headers.update({"X-Linked-Etag": f'"{hashlib.sha256(content).hexdigest()}"',
+                                    "X-Linked-Size": str(len(content))})
+                key = f"/{repo}/resolve/{self.COMMIT}/{m.group(2)}"
+                self._send_file(h, key, content, headers)
+                return
+        if path in self.files:
+            self._send_file(h, path, self.files[path], {})
+            return
+        send_bytes(h, b"not found", status=404, content_type="text/plain")
+
+    def _send_file(self, h: BaseHTTPRequestHandler, key: str, content: bytes, headers: dict) -> None:
+        start = 0
+        m = re.fullmatch(r"bytes=(\d+)-", h.headers.get("Range") or "")
+        if m:
+            start = int(m.group(1))
+            if start >= len(content):
+                send_bytes(h, b"", status=416, headers={"Content-Range": f"bytes */{len(content)}"})
+                return
+        headers = {**headers, "Accept-Ranges": "bytes"}
+        if start:
+            headers["Content-Range"] = f"bytes {start}-{len(content) - 1}/{len(content)}"
+        body, status = content[start:], 206 if start else 200
+        if h.command == "HEAD":
+            send_bytes(h, body, status=status, headers=headers)
+            return
+        self.downloads.append((key, start))
+        cut, gate = self.truncate.pop(key, None), self.gate.get(key)
+        if cut is None and gate is None:
+            send_bytes(h, body, status=status, headers=headers)
+            return
+        try:
+            h.send_response(status)
+            h.send_header("Content-Type", "application/octet-stream")
+            h.send_header("Content-Length", str(len(body)))
+            for k, v in headers.items():
+                h.send_header(k, v)
+            h.end_headers()
+            first = body[:cut] if cut is not None else body[: len(body) // 2]
+            h.wfile.write(first)
+            h.wfile.flush()
+            if cut is not None:                     # end the connection mid-body (HTTP/1.0: closed after the answer)
+                h.close_connection = True
+                return
+            gate.wait(30)
+            h.wfile.write(body[len(first):])
+        except OSError:
+            pass

@@ -40,11 +40,6 @@ COMPOSE_GPU = "docker-compose.gpu.yml"
 CODE_PACKAGES = ("backend", "ssp_sam")
 ENV_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
-# Named by the deployment files, added by the branch that brings `ssp-sam download-weights` (the command and the two
-# variables the backend reads for it). Until that branch is merged, a check that finds only these missing is an
-# expected failure (xfail, with the names); once the command exists the checks are strict again, by themselves.
-FROM_WEIGHTS_BRANCH = {"download-weights", "SSP_SAM_WEIGHTS_DIR", "AUTO_DOWNLOAD"}
-
 # Backend settings Compose sets to something else than the code's default, on purpose (each commented in the file).
 COMPOSE_FIXES = {"HOST", "PORT", "MODEL_DIR", "DATASTORE_URL", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY",
                  "PRELOAD_MODEL", "HF_HOME"}
@@ -137,10 +132,6 @@ def cli_commands() -> set[str]:
     return {name for action in parser._subparsers._group_actions for name in action.choices}
 
 
-def weights_branch_merged() -> bool:
-    return "download-weights" in cli_commands()
-
-
 def parse_ssp_sam(argv: list[str]):
     """Parse ``ssp-sam ARGS`` (argv without the program) as the command would; returns (namespace, error)."""
     err = io.StringIO()
@@ -152,26 +143,18 @@ def parse_ssp_sam(argv: list[str]):
 
 
 def check_missing(missing: set[str], what: str) -> None:
-    """Fail on anything missing, except what only the weights branch adds while it is not merged (xfail then)."""
-    pending = set() if weights_branch_merged() else missing & FROM_WEIGHTS_BRANCH
-    assert not missing - pending, f"{what}: {sorted(missing - pending)}"
-    if pending:
-        pytest.xfail(f"added by the download-weights branch, not merged yet: {sorted(pending)}")
+    assert not missing, f"{what}: {sorted(missing)}"
 
 
 def check_ssp_sam_commands(commands: list[list[str]], where: str, missing: set[str] = frozenset()) -> None:
-    """Every ``ssp-sam ...`` command (argv after ``ssp-sam``) parses (a download-weights one may wait for its branch),
-    and nothing else is ``missing``. Call it last: it may end the test as an expected failure."""
-    bad, pending = [], set()
+    """Every ``ssp-sam ...`` command (argv after ``ssp-sam``) parses, and nothing is ``missing``."""
+    bad = []
     for argv in commands:
         ns, error = parse_ssp_sam(argv)
         if ns is None:
-            if argv and argv[0] in FROM_WEIGHTS_BRANCH and not weights_branch_merged():
-                pending.add(argv[0])
-            else:
-                bad.append(f"ssp-sam {' '.join(argv)}: {error}")
+            bad.append(f"ssp-sam {' '.join(argv)}: {error}")
     assert not bad, f"{where}: commands that do not parse: {bad}"
-    check_missing(pending | set(missing), f"{where}: variables the code does not read")
+    check_missing(set(missing), f"{where}: variables the code does not read")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -685,7 +668,7 @@ def test_env_example_is_complete():
     assert not interpolated - names, f"Compose interpolates these, .env.example lacks them: {interpolated - names}"
     assert not documented_names() - names, f"docs/backend.md documents these, .env.example lacks them: " \
                                            f"{documented_names() - names}"
-    assert FROM_WEIGHTS_BRANCH - {"download-weights"} <= names
+    assert {"SSP_SAM_WEIGHTS_DIR", "AUTO_DOWNLOAD", "SSP_SAM_DATASET", "SAM_WEIGHTS_URL", "CLIP_WEIGHTS_URL"} <= names
 
 
 def test_env_example_shows_the_defaults_that_apply():

@@ -92,10 +92,12 @@ class FinetuneConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "FinetuneConfig":
         """The settings the backend reads from the environment (``MODEL_DIR``, ``DATASTORE_URL``,
-        ``SSP_SAM_VARIANT``, the checkpoints, ``DEVICE``, ``DTYPE``): the trainer and the server agree on them."""
+        ``SSP_SAM_VARIANT``, the checkpoints, ``SSP_SAM_WEIGHTS_DIR``, ``DEVICE``, ``DTYPE``): the trainer and the
+        server agree on them (``AUTO_DOWNLOAD``: :func:`prepare_weights`)."""
         b = BackendConfig.from_env(env)
         model = ModelConfig(variant=b.variant, checkpoint=b.checkpoint, sam_checkpoint=b.sam_checkpoint,
-                            clip_checkpoint=b.clip_checkpoint, device=b.device, dtype=b.dtype)
+                            clip_checkpoint=b.clip_checkpoint, weights_dir=b.weights_dir, device=b.device,
+                            dtype=b.dtype)
         return cls(**{"model_dir": b.model_dir, "datastore_url": b.datastore_url, "model": model, **overrides})
 
     @property
@@ -517,13 +519,35 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
                                model=model_config_from_args(args, base.model), train=train)
 
 
+def prepare_weights(cfg: FinetuneConfig, env: Mapping[str, str] | None = None) -> FinetuneConfig:
+    """``cfg`` with the weights the backend serves: with AUTO_DOWNLOAD, its folder in MODEL_DIR, downloaded first
+    when missing (or waited for while the backend downloads it). Raises ConfigError for an official variant without
+    any weights (the message names the command that fetches them)."""
+    from backend.weights import missing_weights_message, trainer_weights_dir
+    from ssp_sam.hub import WeightsError
+
+    m = cfg.model
+    b = dataclasses.replace(BackendConfig.from_env(env), model_dir=cfg.model_dir, variant=m.variant,
+                            checkpoint=m.checkpoint, sam_checkpoint=m.sam_checkpoint,
+                            clip_checkpoint=m.clip_checkpoint, weights_dir=m.weights_dir)
+    if versions.read_current(cfg.model_dir) is None:          # a published version needs no base checkpoint
+        problem = missing_weights_message(b)
+        if problem:
+            raise ConfigError(problem)
+    try:
+        folder = trainer_weights_dir(b)
+    except WeightsError as exc:
+        raise ConfigError(f"AUTO_DOWNLOAD: {exc}") from None
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, weights_dir=folder))
+
+
 def _cli(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from ssp_sam.distributed import rank_and_world
 
     try:
-        cfg = config_from_args(args)
+        cfg = prepare_weights(config_from_args(args))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

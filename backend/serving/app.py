@@ -145,6 +145,7 @@ class Runtime:
             self._worker.notify()
 
     def stop(self) -> None:
+        self.manager.stop()
         worker, self._worker = self._worker, None
         if worker is not None:
             try:

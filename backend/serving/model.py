@@ -23,6 +23,7 @@ from backend.labelstudio.media import MediaError
 from backend.labelstudio.prompts import collect_prompts, is_interactive
 from backend.labelstudio.protocol import project_id_of
 from backend.logs import loggable
+from backend.weights import WeightsMissing, WeightsNotReady
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class SSPSAMBackend:
         spec = parse_label_config(self.label_config)
         try:
             served = self.runtime.manager.get()
+        except (WeightsNotReady, WeightsMissing) as exc:   # downloading, or which command fetches them
+            raise ModelUnavailable(str(exc)) from None
         except Exception as exc:
             logger.error("model unavailable: %s: %s", type(exc).__name__, exc)
             raise ModelUnavailable(f"the model could not be loaded ({type(exc).__name__})") from None

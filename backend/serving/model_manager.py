@@ -14,6 +14,11 @@
 - Pointer checks are serialised (``_check_lock``): a check decides on the signature it read, so a slow check can
   never apply an old observation ("no pointer") after a newer one was applied (that race once reloaded the base
   model over a just-published version).
+- Weights (``backend.weights``): ``SSP_SAM_WEIGHTS_DIR`` names the configured checkpoint; with ``AUTO_DOWNLOAD`` the
+  missing official weights download in the background (:class:`backend.weights.AutoDownload`) while ``version`` is
+  ``<variant>-downloading`` and ``get()`` raises :class:`backend.weights.WeightsNotReady` at once (``/predict``
+  answers 503 with how far it is); once complete the folder is used as if ``SSP_SAM_WEIGHTS_DIR`` named it and the
+  model loads. An official variant without any weights is an error that names the command to run.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from backend.learning import versions
+from backend.weights import (AutoDownload, WeightsMissing, WeightsNotReady, missing_weights_message,
+                             weights_checkpoint, with_weights_dir)
 from ssp_sam.versioning import DEMO_CHECKPOINT, weights_version
 
 logger = logging.getLogger(__name__)
@@ -39,7 +46,7 @@ class Target:
     """What should be served: a version string and the checkpoint that holds it."""
     version: str
     checkpoint: Optional[str]
-    source: str                       # "pointer" | "config" | "demo" | "random"
+    source: str                       # "pointer" | "config" | "weights_dir" | "demo" | "random"
 
     def same(self, other: Optional["Target"]) -> bool:
         return other is not None and (self.version, self.checkpoint) == (other.version, other.checkpoint)
@@ -59,7 +66,8 @@ def default_predictor_factory(config, checkpoint: Optional[str]):
     from ssp_sam.predictor import SSPSAMPredictor
 
     cfg = ModelConfig(variant=config.variant, checkpoint=checkpoint, sam_checkpoint=config.sam_checkpoint,
-                      clip_checkpoint=config.clip_checkpoint, device=config.device, dtype=config.dtype)
+                      clip_checkpoint=config.clip_checkpoint, weights_dir=config.weights_dir, device=config.device,
+                      dtype=config.dtype)
     return SSPSAMPredictor(load_model(cfg), threshold=config.mask_threshold,
                            cache_bytes=int(config.embedding_cache_mb) * 2**20)
 
@@ -70,6 +78,12 @@ def base_target(config) -> Target:
         if not os.path.exists(config.checkpoint):
             raise FileNotFoundError(f"SSP_SAM_CHECKPOINT does not exist: {config.checkpoint}")
         return Target(weights_version(config.variant, config.checkpoint), config.checkpoint, "config")
+    checkpoint = weights_checkpoint(config)
+    if checkpoint is not None:
+        return Target(weights_version(config.variant, checkpoint), checkpoint, "weights_dir")
+    problem = missing_weights_message(config)
+    if problem:
+        raise WeightsMissing(problem)
     if config.variant == "demo":
         if not DEMO_CHECKPOINT.exists():
             raise FileNotFoundError(f"the packaged demo model is missing: {DEMO_CHECKPOINT}")
@@ -79,7 +93,7 @@ def base_target(config) -> Target:
 
 class ModelManager:
     def __init__(self, config, predictor_factory: Optional[PredictorFactory] = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, auto_download: Optional[AutoDownload] = None):
         self.config = config
         self._factory = predictor_factory or default_predictor_factory
         self._clock = clock
@@ -94,14 +108,22 @@ class ModelManager:
         self.last_error: Optional[str] = None
         self.reloads = 0
         self.load_seconds: Optional[float] = None
+        self.auto = auto_download if auto_download is not None else AutoDownload.for_config(config)
+        if self.auto is not None:
+            self.auto.on_ready = self._safe_get           # when the weights are complete, the model loads
 
     # ------------------------------------------------------------------ public API
     @property
     def version(self) -> str:
-        """The ``model_version`` to report now (cheap: never loads weights)."""
+        """The ``model_version`` to report now (cheap: never loads weights); ``<variant>-downloading`` while
+        AUTO_DOWNLOAD fetches the weights."""
         self.check_for_update()
         served = self._served
-        return served.version if served is not None else self._current_target().version
+        if served is not None:
+            return served.version
+        if not self._weights_ready():
+            return f"{self.config.variant}-downloading"
+        return self._current_target().version
 
     @property
     def loaded(self) -> bool:
@@ -114,11 +136,13 @@ class ModelManager:
 
     def get(self) -> Served:
         """The predictor to use for one request (loads it on first use, blocking). Snapshot it once per request:
-        a concurrent hot swap does not change what this request uses."""
+        a concurrent hot swap does not change what this request uses. Raises WeightsNotReady at once while
+        AUTO_DOWNLOAD fetches the weights."""
         self.check_for_update()
         served = self._served
         if served is not None:
             return served
+        self._model_config()
         with self._load_lock:
             if self._served is not None:
                 return self._served
@@ -139,14 +163,41 @@ class ModelManager:
     def _safe_get(self):
         try:
             self.get()
+        except WeightsNotReady as exc:
+            logger.info("model not loaded yet: %s", exc)
         except Exception:
             logger.exception("model warm-up failed")
 
+    # ------------------------------------------------------------------ weights
+    def _weights_ready(self) -> bool:
+        auto = self.auto
+        if auto is None or auto.ready:
+            return True
+        auto.start()
+        return False
+
+    def _model_config(self):
+        """The configuration models load with: with AUTO_DOWNLOAD, its folder once complete (as if
+        SSP_SAM_WEIGHTS_DIR named it); raises WeightsNotReady before."""
+        auto = self.auto
+        if auto is None:
+            return self.config
+        if not self._weights_ready():
+            raise WeightsNotReady(auto.message())
+        if self.config.weights_dir != auto.folder:
+            self.config = with_weights_dir(self.config, auto.folder)
+        return self.config
+
+    def stop(self) -> None:
+        if self.auto is not None:
+            self.auto.stop()
+
     # ------------------------------------------------------------------ targets
     def _current_target(self) -> Target:
+        config = self._model_config()
         with self._lock:
             if self._target is None:
-                self._target = base_target(self.config)
+                self._target = base_target(config)
             return self._target
 
     def check_for_update(self, force: bool = False) -> bool:
@@ -181,7 +232,9 @@ class ModelManager:
         when the pointer is unusable (then whatever is served stays)."""
         if sig is None:
             try:
-                return base_target(self.config)
+                return base_target(self._model_config())
+            except WeightsNotReady:
+                return None                # the base target is decided once the weights are complete
             except Exception as exc:
                 self.last_error = f"the configured model is unusable: {exc}"
                 logger.error("%s", self.last_error)
@@ -195,7 +248,7 @@ class ModelManager:
         logger.info("loading model version %s (%s%s)", target.version, target.source,
                     f": {target.checkpoint}" if target.checkpoint else "")
         try:
-            predictor = self._factory(self.config, target.checkpoint)
+            predictor = self._factory(self._model_config(), target.checkpoint)
         except Exception as exc:
             self.last_error = f"loading {target.version} failed: {type(exc).__name__}: {exc}"
             raise
@@ -249,6 +302,10 @@ class ModelManager:
         out = {"pid": os.getpid(), "model_version": self.version, "model_loaded": served is not None,
                "loading": self.loading, "reloads": self.reloads, "load_seconds": self.load_seconds,
                "last_error": self.last_error}
+        if self.auto is not None:
+            out["weights"] = self.auto.status()
+            if out["weights"]["error"] and not out["last_error"]:
+                out["last_error"] = out["weights"]["error"]
         if served is not None:
             out["source"] = served.target.source
             device = getattr(served.predictor, "device", None)

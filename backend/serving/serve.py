@@ -3,7 +3,8 @@
 
 Options override the matching environment variables (``HOST``, ``PORT``, ``MODEL_DIR``, ``LOG_LEVEL``,
 ``PRELOAD_MODEL``); everything else is read from the environment (docs/backend.md). ``--check`` prints the resolved
-configuration (secrets masked) and exits, non-zero when it is invalid.
+configuration (secrets masked) and exits, non-zero when it is invalid. An official variant without weights (no
+checkpoint, no ``SSP_SAM_WEIGHTS_DIR``, no ``AUTO_DOWNLOAD``) stops the start with the command that fetches them.
 """
 
 from __future__ import annotations
@@ -32,14 +33,20 @@ def run(args: argparse.Namespace) -> int:
     os.environ.update({k: str(v) for k, v in overrides.items() if v is not None})
 
     from backend.config import BackendConfig, ConfigError
+    from backend.weights import weights_problem
 
     try:
         config = BackendConfig.from_env()
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    problem = weights_problem(config)
     if args.check:
         print(json.dumps(config.redacted(), indent=2))
+    if problem:
+        print(f"configuration error: {problem}", file=sys.stderr)
+        return 2
+    if args.check:
         return 0
     os.makedirs(config.model_dir, exist_ok=True)
     if not args.dev:

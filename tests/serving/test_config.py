@@ -14,7 +14,7 @@ ENV_NAMES = ["LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "BAS
              "LOCAL_FILES_DOCUMENT_ROOT", "HOST", "GUNICORN_TIMEOUT", "PREDICT_BATCH_SIZE", "PRELOAD_MODEL",
              "RELOAD_INTERVAL_S", "MEDIA_CACHE_DIR", "MEDIA_CACHE_MB", "MEDIA_TIMEOUT_S", "DATASTORE_URL",
              "LABEL_STUDIO_ALLOWED_HOSTS", "MAX_DOWNLOAD_MB", "MAX_IMAGE_PIXELS", "MEDIA_ALLOW_PRIVATE_NETWORKS",
-             "REQUEST_BODY_TIMEOUT_S", "MAX_REQUEST_BODY_MB"]
+             "REQUEST_BODY_TIMEOUT_S", "MAX_REQUEST_BODY_MB", "SSP_SAM_WEIGHTS_DIR", "AUTO_DOWNLOAD", "SSP_SAM_DATASET"]
 
 
 def test_defaults():
@@ -26,6 +26,7 @@ def test_defaults():
     assert c.max_in_flight == 7                                  # THREADS - 1: one thread stays free for /health
     assert BackendConfig.from_env({"THREADS": "1"}).max_in_flight == 1
     assert c.label_studio_url is None and not c.basic_auth_enabled
+    assert (c.weights_dir, c.auto_download, c.dataset) == (None, False, "refcoco")
 
 
 def test_parsing_and_fallbacks():
@@ -49,6 +50,8 @@ def test_parsing_and_fallbacks():
     ({"LABEL_STUDIO_ALLOWED_HOSTS": "ls:8080"}, "LABEL_STUDIO_ALLOWED_HOSTS"),
     ({"REQUEST_BODY_TIMEOUT_S": "0"}, "REQUEST_BODY_TIMEOUT_S"), ({"REQUEST_BODY_TIMEOUT_S": "soon"}, "REQUEST_BODY"),
     ({"MAX_REQUEST_BODY_MB": "0"}, "MAX_REQUEST_BODY_MB"), ({"MAX_REQUEST_BODY_MB": "1.5"}, "MAX_REQUEST_BODY_MB"),
+    ({"AUTO_DOWNLOAD": "sometimes"}, "AUTO_DOWNLOAD"), ({"SSP_SAM_DATASET": "../x"}, "SSP_SAM_DATASET"),
+    ({"SSP_SAM_WEIGHTS_DIR": "/nonexistent/weights"}, "SSP_SAM_WEIGHTS_DIR: weights folder .* does not exist"),
 ])
 def test_bad_values(env, fragment):
     with pytest.raises(ConfigError, match=fragment):

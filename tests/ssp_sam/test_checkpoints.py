@@ -9,20 +9,7 @@ from ssp_sam.checkpoints import CheckpointError, convert_openai_clip, map_offici
 from ssp_sam.tokenizer import load_tokenizer
 from ssp_sam.versioning import weights_version
 from tests.ssp_sam.helpers_clip import hf_to_openai, save_torchscript
-
-
-def _official_state(model) -> dict:
-    """This model's weights under the official SSP_SAM names (inverse of the prefix map)."""
-    inverse = [(new, old) for old, new in checkpoints.OFFICIAL_PREFIXES]
-    out = {}
-    for k, v in model.state_dict().items():
-        if k.startswith("clip.") or k.endswith("position_ids"):
-            continue
-        for new, old in inverse:
-            if k.startswith(new):
-                out[old + k[len(new):]] = v.clone()
-                break
-    return out
+from tests.ssp_sam.weights_files import official_state as _official_state
 
 
 def _same(a, b, prefix=""):
