@@ -68,7 +68,8 @@ class Summary:
     failed: dict = field(default_factory=dict)   # task id -> reason
     regions: int = 0               # brush regions in the stored predictions
     empty: int = 0                 # stored predictions without a region (the model found nothing)
-    elapsed_s: float = 0.0
+    elapsed_s: float = 0.0         # the whole run: connection, listing, model load, predictions
+    pipeline_s: float = 0.0        # downloads, model and uploads only (the first task's download to the last upload)
     ranks: int = 1
 
     @staticmethod
@@ -81,7 +82,8 @@ class Summary:
         return Summary(project=first.project, model_version=first.model_version, tasks=first.tasks,
                        done=sum(p.done for p in parts), skipped=first.skipped, failed=failed,
                        regions=sum(p.regions for p in parts), empty=sum(p.empty for p in parts),
-                       elapsed_s=max(p.elapsed_s for p in parts), ranks=len(parts))
+                       elapsed_s=max(p.elapsed_s for p in parts), pipeline_s=max(p.pipeline_s for p in parts),
+                       ranks=len(parts))
 
     def to_json(self) -> dict:
         return {"project": self.project, "model_version": self.model_version, "tasks": self.tasks,
@@ -89,7 +91,8 @@ class Summary:
                 "remaining": self.tasks - self.skipped - self.done,
                 "failures": [{"task": tid, "reason": self.failed[tid]} for tid in sorted(self.failed)],
                 "regions": self.regions, "empty": self.empty, "elapsed_s": round(self.elapsed_s, 2),
-                "images_per_s": round(self.done / self.elapsed_s, 3) if self.elapsed_s > 0 else None,
+                "pipeline_s": round(self.pipeline_s, 2),
+                "images_per_s": round(self.done / self.pipeline_s, 3) if self.pipeline_s > 0 else None,
                 "ranks": self.ranks}
 
 
@@ -285,10 +288,12 @@ def run(options: Options, config: Optional[BackendConfig] = None, *, client_fact
             if served.version != version:
                 raise PrelabelError(f"MODEL_DIR now publishes {served.version}, not {version}: run it again")
             progress = _progress_bar(len(mine), rank, world, options.progress)
+            t_pipeline = time.perf_counter()
             try:
                 Prelabeler(backend, spec, served, project, summary, batch_size=options.batch_size,
                            workers=options.workers, progress=progress).run(mine)
             finally:
+                summary.pipeline_s = time.perf_counter() - t_pipeline
                 if progress is not None:
                     progress.close()
         summary.elapsed_s = time.perf_counter() - t0

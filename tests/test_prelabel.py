@@ -15,12 +15,13 @@ from backend import prelabel
 from backend.labelstudio.project import ProjectTask
 from backend.serving.model_manager import base_target
 from tests.fakes import LEGACY_TOKEN, LS_URL, FakeLabelStudio, FakePredictor, make_config, png_bytes
+from tests.local_http import LocalMediaServer
 from tests.serving.test_api import predict_body
 
 
-def _run(tmp_path, ls, predictor, store, connections=None, **options):
+def _run(tmp_path, ls, predictor, store, connections=None, env=None, **options):
     options.setdefault("progress", False)
-    config = make_config(tmp_path)
+    config = make_config(tmp_path, **(env or {}))
 
     def client_factory(host, token):
         if connections is not None:
@@ -172,20 +173,24 @@ def test_an_unusable_labeling_config_is_fatal(tmp_path, store, predictor):
 
 
 # ---------------------------------------------------------------------- overlap
-def test_downloads_run_while_the_model_works(tmp_path, ls_media, requests_mock, store):
+def test_downloads_run_while_the_model_works(tmp_path, store):
     """The images of the second batch are served only once the model works on the first, and the model's first call
     returns only once one of them has been: that happens only when downloads run while the model works (a pipeline
-    that downloads and predicts in turn would leave both waiting until their timeouts, and fail)."""
+    that downloads and predicts in turn would leave both waiting until their timeouts, and fail). A real local server
+    (requests_mock serialises concurrent requests)."""
     model_started, fetched_during_model = threading.Event(), threading.Event()
-    images = {i: ls_media(f"{i}.png", png_bytes()) for i in range(1, 7)}
 
-    def second_batch_image(request, context):
-        if model_started.wait(timeout=20):
-            fetched_during_model.set()
-        return png_bytes()
+    class HoldingLabelStudio(LocalMediaServer):
+        def handler_for(self, path):
+            answer = super().handler_for(path)
+            if not path.endswith(("/3.png", "/4.png")):            # the second batch (batch size 2)
+                return answer
 
-    for i in (3, 4):                     # the second batch (batch size 2)
-        requests_mock.get(f"{LS_URL}/storage-data/uploaded/?filepath=upload/1/{i}.png", content=second_batch_image)
+            def held(handler):
+                if model_started.wait(timeout=20):
+                    fetched_during_model.set()
+                answer(handler)
+            return held
 
     class Waiting(FakePredictor):
         def predict_batch(self, pairs, batch_size=8):
@@ -194,20 +199,25 @@ def test_downloads_run_while_the_model_works(tmp_path, ls_media, requests_mock, 
                 self.overlapped = fetched_during_model.wait(timeout=20)
             return super().predict_batch(pairs, batch_size)
 
-    predictor = Waiting()
-    ls = FakeLabelStudio({i: {"image": url, "text": f"object {i}"} for i, url in images.items()})
-    summary = _run(tmp_path, ls, predictor, store, batch_size=2, workers=2)
-    assert predictor.overlapped and summary.done == 6
+    with HoldingLabelStudio(token=LEGACY_TOKEN) as server:
+        images = {i: server.add_upload(f"{i}.png", png_bytes()) for i in range(1, 7)}
+        predictor = Waiting()
+        ls = FakeLabelStudio({i: {"image": url, "text": f"object {i}"} for i, url in images.items()})
+        summary = _run(tmp_path, ls, predictor, store, env={"LABEL_STUDIO_URL": server.origin}, batch_size=2,
+                       workers=2)
+    assert predictor.overlapped and (summary.done, summary.failed) == (6, {})
 
 
 # ---------------------------------------------------------------------- summary and CLI
 def test_summaries_of_the_ranks_merge():
-    a = prelabel.Summary(1, "v", tasks=10, done=3, skipped=2, failed={7: "x"}, regions=4, empty=1, elapsed_s=5.0)
-    b = prelabel.Summary(1, "v", tasks=10, done=4, skipped=2, failed={8: "y"}, regions=2, empty=2, elapsed_s=6.0)
+    a = prelabel.Summary(1, "v", tasks=10, done=3, skipped=2, failed={7: "x"}, regions=4, empty=1, elapsed_s=5.0,
+                         pipeline_s=3.5)
+    b = prelabel.Summary(1, "v", tasks=10, done=4, skipped=2, failed={8: "y"}, regions=2, empty=2, elapsed_s=6.0,
+                         pipeline_s=3.0)
     out = prelabel.Summary.merge([a, b]).to_json()
     assert out == {"project": 1, "model_version": "v", "tasks": 10, "done": 7, "skipped": 2, "failed": 2,
                    "remaining": 1, "failures": [{"task": 7, "reason": "x"}, {"task": 8, "reason": "y"}],
-                   "regions": 6, "empty": 3, "elapsed_s": 6.0, "images_per_s": round(7 / 6, 3), "ranks": 2}
+                   "regions": 6, "empty": 3, "elapsed_s": 6.0, "pipeline_s": 3.5, "images_per_s": 2.0, "ranks": 2}
 
 
 @pytest.fixture
