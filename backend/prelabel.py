@@ -29,9 +29,11 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
@@ -47,6 +49,9 @@ from backend.serving.model_manager import ModelManager
 logger = logging.getLogger(__name__)
 
 UPLOADS_IN_FLIGHT = 2          # batches handed to the upload thread and not yet confirmed
+# seconds of a rank's pipeline: waiting for downloads + decoding, in the model (with the regions' RLE and the
+# datastore records), waiting for Label Studio to confirm uploads; the rest is bookkeeping
+STAGES = ("media_wait_s", "model_s", "upload_wait_s")
 
 
 class PrelabelError(RuntimeError):
@@ -70,6 +75,7 @@ class Summary:
     empty: int = 0                 # stored predictions without a region (the model found nothing)
     elapsed_s: float = 0.0         # the whole run: connection, listing, model load, predictions
     pipeline_s: float = 0.0        # downloads, model and uploads only (the first task's download to the last upload)
+    stages: dict = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))   # where the pipeline's time went
     ranks: int = 1
 
     @staticmethod
@@ -83,7 +89,7 @@ class Summary:
                        done=sum(p.done for p in parts), skipped=first.skipped, failed=failed,
                        regions=sum(p.regions for p in parts), empty=sum(p.empty for p in parts),
                        elapsed_s=max(p.elapsed_s for p in parts), pipeline_s=max(p.pipeline_s for p in parts),
-                       ranks=len(parts))
+                       stages={k: max(p.stages.get(k, 0.0) for p in parts) for k in STAGES}, ranks=len(parts))
 
     def to_json(self) -> dict:
         return {"project": self.project, "model_version": self.model_version, "tasks": self.tasks,
@@ -93,7 +99,7 @@ class Summary:
                 "regions": self.regions, "empty": self.empty, "elapsed_s": round(self.elapsed_s, 2),
                 "pipeline_s": round(self.pipeline_s, 2),
                 "images_per_s": round(self.done / self.pipeline_s, 3) if self.pipeline_s > 0 else None,
-                "ranks": self.ranks}
+                "stages": {k: round(v, 2) for k, v in self.stages.items()}, "ranks": self.ranks}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -150,7 +156,8 @@ class Prelabeler:
                 tid, fut = ahead.popleft()
                 refill()
                 try:
-                    batch[tid] = fut.result()
+                    with self._stage("media_wait_s"):
+                        batch[tid] = fut.result()
                 except TaskError as exc:
                     self._fail(tid, str(exc))
                 except Exception as exc:     # a bug must cost one task, not the run
@@ -168,7 +175,9 @@ class Prelabeler:
 
     def _predict(self, batch: dict, uploader: ThreadPoolExecutor, uploads: deque) -> None:
         predictions = []
-        for tid, (pred, _msg) in self.backend.predict_prepared(self.spec, self.served, batch).items():
+        with self._stage("model_s"):
+            outcomes = self.backend.predict_prepared(self.spec, self.served, batch)
+        for tid, (pred, _msg) in outcomes.items():
             if "error" in pred:
                 self._fail(tid, pred["error"])
             else:
@@ -182,7 +191,8 @@ class Prelabeler:
 
     def _collect(self, item: tuple[list, Future]) -> None:
         predictions, fut = item
-        outcome = fut.result()               # LabelStudioUnavailable ends the run
+        with self._stage("upload_wait_s"):
+            outcome = fut.result()           # LabelStudioUnavailable ends the run
         for p in predictions:
             reason = outcome.get(p["task"], "Label Studio did not confirm the prediction")
             if reason is not None:
@@ -194,6 +204,14 @@ class Prelabeler:
             self.summary.empty += regions == 0
             self._tick()
 
+    @contextmanager
+    def _stage(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.summary.stages[name] += time.perf_counter() - t
+
     def _fail(self, tid: int, reason: str) -> None:
         logger.warning("task %s not pre-labeled: %s", tid, loggable(reason, None))
         self.summary.failed[tid] = reason
@@ -202,6 +220,34 @@ class Prelabeler:
     def _tick(self) -> None:
         if self.progress is not None:
             self.progress.update(1)
+
+
+class PrelabelRuntime(Runtime):
+    """The server's :class:`backend.serving.app.Runtime`, with its datastore records (``record_prediction``: the mask
+    blob and a row, each one commit, about 10 ms on SQLite) written by a background thread, so that in a bulk run they
+    overlap the model instead of holding its thread. At most ``pending`` records wait (each holds a mask); they are
+    best effort, as in the server. ``flush()`` waits for them."""
+
+    def __init__(self, *args, pending: int = 64, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._recorder = ThreadPoolExecutor(1, thread_name_prefix="prelabel-records")
+        self._slots = threading.BoundedSemaphore(pending)
+
+    def record_prediction(self, *args) -> None:
+        self._slots.acquire()
+        try:
+            self._recorder.submit(self._record, *args)
+        except RuntimeError:                   # flushed already: write it here
+            self._record(*args)
+
+    def _record(self, *args) -> None:
+        try:
+            Runtime.record_prediction(self, *args)
+        finally:
+            self._slots.release()
+
+    def flush(self) -> None:
+        self._recorder.shutdown(wait=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -282,7 +328,7 @@ def run(options: Options, config: Optional[BackendConfig] = None, *, client_fact
         logger.info("rank %d/%d: %d task(s) in project %d, %d already predicted by %s, %d to predict here",
                     rank, world, len(tasks), options.project, skipped, version, len(mine))
         if mine:
-            runtime = Runtime(config, manager, media, store_factory=store_factory, start_worker=False)
+            runtime = PrelabelRuntime(config, manager, media, store_factory=store_factory, start_worker=False)
             backend = SSPSAMBackend(runtime, project_id=options.project, label_config=label_config)
             served = backend.served()
             if served.version != version:
@@ -293,6 +339,7 @@ def run(options: Options, config: Optional[BackendConfig] = None, *, client_fact
                 Prelabeler(backend, spec, served, project, summary, batch_size=options.batch_size,
                            workers=options.workers, progress=progress).run(mine)
             finally:
+                runtime.flush()
                 summary.pipeline_s = time.perf_counter() - t_pipeline
                 if progress is not None:
                     progress.close()

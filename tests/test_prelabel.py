@@ -211,13 +211,14 @@ def test_downloads_run_while_the_model_works(tmp_path, store):
 # ---------------------------------------------------------------------- summary and CLI
 def test_summaries_of_the_ranks_merge():
     a = prelabel.Summary(1, "v", tasks=10, done=3, skipped=2, failed={7: "x"}, regions=4, empty=1, elapsed_s=5.0,
-                         pipeline_s=3.5)
+                         pipeline_s=3.5, stages={"media_wait_s": 0.5, "model_s": 2.0, "upload_wait_s": 0.25})
     b = prelabel.Summary(1, "v", tasks=10, done=4, skipped=2, failed={8: "y"}, regions=2, empty=2, elapsed_s=6.0,
-                         pipeline_s=3.0)
+                         pipeline_s=3.0, stages={"media_wait_s": 0.75, "model_s": 1.5, "upload_wait_s": 0.0})
     out = prelabel.Summary.merge([a, b]).to_json()
     assert out == {"project": 1, "model_version": "v", "tasks": 10, "done": 7, "skipped": 2, "failed": 2,
                    "remaining": 1, "failures": [{"task": 7, "reason": "x"}, {"task": 8, "reason": "y"}],
-                   "regions": 6, "empty": 3, "elapsed_s": 6.0, "pipeline_s": 3.5, "images_per_s": 2.0, "ranks": 2}
+                   "regions": 6, "empty": 3, "elapsed_s": 6.0, "pipeline_s": 3.5, "images_per_s": 2.0,
+                   "stages": {"media_wait_s": 0.75, "model_s": 2.0, "upload_wait_s": 0.25}, "ranks": 2}
 
 
 @pytest.fixture
