@@ -24,6 +24,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -95,10 +96,10 @@ def bare(data: list[tuple[bytes, str]], batch: int, device: str) -> dict:
     images = [load_image(png) for png, _ in data]
     pairs = [(im, s) for im, (_, s) in zip(images, data)]
     predictor.predict_batch(pairs[:batch], batch_size=batch)           # warm-up (one-off costs)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(pairs), batch):
         predictor.predict_batch(pairs[i:i + batch], batch_size=batch)
-    model_s = time.perf_counter() - t
+    model_s, model_cpu_s = time.perf_counter() - t, time.process_time() - cpu
 
     t = time.perf_counter()
     decode_s = rle_s = 0.0
@@ -113,8 +114,8 @@ def bare(data: list[tuple[bytes, str]], batch: int, device: str) -> dict:
                 brush_region(p.mask, from_name="tag", to_name="image", label="object", score=p.score)
         rle_s += time.perf_counter() - t0
     full_s = time.perf_counter() - t
-    return {"model_s": model_s, "with_decode_rle_s": full_s, "decode_s": decode_s, "rle_s": rle_s,
-            "version": predictor.version}
+    return {"model_s": model_s, "model_cpu_s": model_cpu_s, "with_decode_rle_s": full_s, "decode_s": decode_s,
+            "rle_s": rle_s, "version": predictor.version}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -122,10 +123,10 @@ def bare(data: list[tuple[bytes, str]], batch: int, device: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 class Studio:
-    def __init__(self, url: str):
+    def __init__(self, url: str, pid: int):
         from label_studio_sdk.client import LabelStudio
 
-        self.url = url
+        self.url, self.pid = url, pid            # pid: Label Studio's process, for its CPU time
         self.http = requests.Session()
         self.http.headers["Authorization"] = f"Token {TOKEN}"
         self.client = LabelStudio(base_url=url, api_key=TOKEN)
@@ -148,6 +149,13 @@ class Studio:
         return sorted(t.id for t in self.client.tasks.list(project=pid, include="id"))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (/proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def prelabel_run(studio: Studio, pid: int, processes: int, args, workdir: Path) -> dict:
     launch = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                        "--nproc_per_node", str(processes)]
@@ -157,13 +165,16 @@ def prelabel_run(studio: Studio, pid: int, processes: int, args, workdir: Path) 
     env.update({"LABEL_STUDIO_URL": studio.url, "LABEL_STUDIO_API_KEY": TOKEN, "DEVICE": args.device,
                 "MODEL_DIR": str(workdir / f"model_dir_{pid}"), "PYTHONUNBUFFERED": "1",
                 "OMP_NUM_THREADS": str(args.threads)})
+    children, ls_cpu = resource.getrusage(resource.RUSAGE_CHILDREN), cpu_seconds(studio.pid)
     t = time.perf_counter()
     r = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         raise RuntimeError(f"prelabel failed ({r.returncode}):\n{r.stderr[-3000:]}")
     summary = json.loads(r.stdout.strip().splitlines()[-1])
-    return {"processes": processes, "command_s": wall, **summary}
+    return {"processes": processes, "command_s": wall, "ls_cpu_s": cpu_seconds(studio.pid) - ls_cpu,
+            "prelabel_cpu_s": after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime, **summary}
 
 
 def upload_costs(studio: Studio, source_pid: int, data: list, batch: int) -> dict:
@@ -218,7 +229,7 @@ def main(argv=None) -> int:
         ls = start_label_studio(work)
         try:
             wait_http(f"{ls.url}/health", ls.proc, 180, ls.log)
-            studio = Studio(ls.url)
+            studio = Studio(ls.url, ls.proc.pid)
             # rounds: the bare predictor and each prelabel run back to back, so that a busy machine slows all alike
             for r in range(args.rounds):
                 projects = {p: studio.project(f"prelabel-bench-{r}-{p}", data) for p in args.processes}
@@ -260,6 +271,12 @@ def main(argv=None) -> int:
         print(f"| {name} | {_median(seconds):.1f} | {r:.2f} | {100 * vs:.0f} % |")
     stages = {k: _median([r["prelabel"][0]["stages"][k] for r in rounds]) for k in rounds[0]["prelabel"][0]["stages"]}
     print(f"\nprelabel ({args.processes[0]} process) pipeline stages, median seconds: {stages}")
+    cpu = {"bare_model_ms_per_task": 1000 * _median([r["bare"]["model_cpu_s"] for r in rounds]) / n}
+    for i, p in enumerate(args.processes):
+        cpu[f"prelabel_{p}_ms_per_task"] = 1000 * _median([r["prelabel"][i]["prelabel_cpu_s"] for r in rounds]) / n
+        cpu[f"label_studio_{p}_ms_per_task"] = 1000 * _median([r["prelabel"][i]["ls_cpu_s"] for r in rounds]) / n
+    print("CPU per task (ms): " + ", ".join(f"{k.replace('_ms_per_task', '')} {v:.0f}" for k, v in cpu.items())
+          + " (prelabel: the whole command, start-up included)")
     print(f"bare: PNG decode {_median([r['bare']['decode_s'] for r in rounds]):.2f} s, brush RLE "
           f"{_median([r['bare']['rle_s'] for r in rounds]):.2f} s")
     print(f"storing one prediction: bulk import {uploads['bulk_ms_per_prediction']:.1f} ms, predictions.create "
@@ -268,7 +285,8 @@ def main(argv=None) -> int:
     out = write_json(args.out, {"n": n, "image_size": list(size), "batch_size": args.batch_size,
                                 "workers": args.workers, "device": args.device, "threads": args.threads,
                                 "rounds": rounds,
-                                "uploads": uploads, "table": table, "prelabel_stages_median_s": stages})
+                                "uploads": uploads, "table": table, "prelabel_stages_median_s": stages,
+                                "cpu_ms_per_task": cpu})
     print(f"written {out}")
     return 0
 
