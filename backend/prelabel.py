@@ -5,11 +5,12 @@ process or sharded across processes and GPUs with ``torchrun``.
 ``ML_TIMEOUT_PREDICT`` (100 s); this command talks to Label Studio itself, through label-studio-sdk, at its own pace:
 
 1. Rank 0 reads the project's labeling config and its tasks (id, data, the model versions of their predictions);
-   every rank gets that same list (``torch.distributed`` broadcast over gloo).
+   every rank gets that same list (``torch.distributed`` broadcast over gloo), so every rank plans alike.
 2. ``model_version`` is the backend's: the published version in ``MODEL_DIR`` if any, else the configured variant
    (:class:`backend.serving.model_manager.ModelManager`, the same resolution and the same string as ``/setup``).
    Tasks that already hold a prediction of that version are skipped, so a run that was killed resumes where it
-   stopped. The others, by id, are shared out ``id % world_size == rank``.
+   stopped. The others, sorted by id, are dealt out: rank r takes the r-th, (r + world)-th, ... of them, so the ranks
+   get equal shares of what is left (however an earlier run left it) and finish together.
 3. Each rank predicts its tasks in batches with the backend's own task -> regions code
    (:meth:`backend.serving.model.SSPSAMBackend.prepare` and ``predict_prepared``: the same sentences, labels, brush
    regions, score and ``model_version`` as ``/predict``; the SAM and CLIP image encoders run batched across a batch's
@@ -35,6 +36,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import Any, Callable, Optional
 
 from backend.config import BackendConfig, ConfigError
@@ -49,6 +51,9 @@ from backend.serving.model_manager import ModelManager
 logger = logging.getLogger(__name__)
 
 UPLOADS_IN_FLIGHT = 2          # batches handed to the upload thread and not yet confirmed
+# how long a rank waits for the others at the end (gather of the summaries): the shares are equal, but a long run's
+# ranks can still finish hours apart (a slower GPU, larger images); torch's default of 30 minutes would end the run
+RANKS_WAIT = timedelta(days=7)
 # seconds of a rank's pipeline: waiting for downloads + decoding, in the model (with the regions' RLE and the
 # datastore records), waiting for Label Studio to confirm uploads; the rest is bookkeeping
 STAGES = ("media_wait_s", "model_s", "upload_wait_s")
@@ -109,12 +114,14 @@ class Summary:
 def plan(tasks: list[ProjectTask], version: str, rank: int, world: int,
          limit: Optional[int] = None) -> tuple[list[ProjectTask], int]:
     """(this rank's tasks to predict, by id; the number of tasks skipped because they hold a prediction of
-    ``version``). ``limit`` bounds the tasks predicted by the whole run (the lowest ids first)."""
+    ``version``). The tasks left, sorted by id, are dealt out in turn: equal shares (within one task) whatever ids an
+    earlier run left, so no rank waits long for the others at the end. ``limit`` bounds the tasks predicted by the
+    whole run (the lowest ids first)."""
     todo = sorted((t for t in tasks if not t.has_prediction_of(version)), key=lambda t: t.id)
     skipped = len(tasks) - len(todo)
     if limit is not None:
         todo = todo[:max(0, limit)]
-    return [t for t in todo if t.id % world == rank], skipped
+    return todo[rank::world], skipped
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -272,7 +279,7 @@ def _distributed() -> tuple[int, int, bool]:
     from ssp_sam.distributed import init_distributed
 
     created = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
-    rank, world, _ = init_distributed(torch.device("cpu"))
+    rank, world, _ = init_distributed(torch.device("cpu"), timeout=RANKS_WAIT)
     return rank, world, created
 
 
@@ -402,7 +409,7 @@ def register_cli(sub) -> None:
                        description="Pre-label every task of a Label Studio project with the model the backend "
                                    "serves (same regions and model_version as /predict); tasks that already hold a "
                                    "prediction of that version are skipped, so a killed run resumes. Under torchrun "
-                                   "each process takes the task ids with id % world_size == rank. Prints a JSON "
+                                   "the tasks left are dealt out to the processes in id order. Prints a JSON "
                                    "summary on stdout.")
     p.add_argument("--project", type=_positive, required=True, help="Label Studio project id")
     p.add_argument("--batch-size", type=_positive, default=None,

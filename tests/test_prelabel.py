@@ -41,16 +41,19 @@ def _without_ids(result: list) -> list:
 
 
 # ---------------------------------------------------------------------- planning
-def test_plan_shards_by_id_disjoint_complete_and_deterministic():
+def test_plan_deals_out_the_tasks_left_disjoint_complete_equal_and_deterministic():
     tasks = [ProjectTask(i, {}, "v1" if i % 5 == 0 else ("other" if i % 7 == 0 else "")) for i in range(3, 60)]
     todo = [t.id for t in tasks if t.id % 5 != 0]
     for world in (1, 2, 3, 4):
         shards = [prelabel.plan(list(reversed(tasks)), "v1", rank, world)[0] for rank in range(world)]
         ids = [[t.id for t in s] for s in shards]
         assert sorted(sum(ids, [])) == todo                      # none missed, none twice
-        assert all(i % world == rank for rank, s in enumerate(ids) for i in s)
-        assert all(s == sorted(s) for s in ids)
+        assert ids == [todo[rank::world] for rank in range(world)]
+        assert max(map(len, ids)) - min(map(len, ids)) <= 1      # equal shares
         assert ids == [[t.id for t in prelabel.plan(tasks, "v1", rank, world)[0]] for rank in range(world)]
+    # what an earlier run left (here: every odd id done) is still shared equally
+    left_by_odd_run = [ProjectTask(i, {}, "v1" if i % 2 else "") for i in range(1, 41)]
+    assert [len(prelabel.plan(left_by_odd_run, "v1", rank, 2)[0]) for rank in (0, 1)] == [10, 10]
     mine, skipped = prelabel.plan(tasks, "v1", 0, 1, limit=4)
     assert skipped == sum(1 for t in tasks if t.id % 5 == 0) and [t.id for t in mine] == todo[:4]
     # the limit applies to the whole run, before sharding: two ranks share the same four lowest ids
