@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of (bare, prelabel runs); the table shows medians")
     ap.add_argument("--stand-in", action="store_true",
                     help="no Label Studio: a static file server and a stand-in client")
+    ap.add_argument("--no-datastore", action="store_true",
+                    help="with --stand-in: prelabel records no prediction in the corrections datastore (what the "
+                         "records cost; the command itself always records them)")
     ap.add_argument("--stand-in-worker", default=None, help=argparse.SUPPRESS)    # one prelabel process of --stand-in
     ap.add_argument("--out", default=None, help="default bench/results/prelabel.json (prelabel_stand_in.json)")
     return ap.parse_args(argv)
@@ -210,6 +213,7 @@ class StandIn:
     def run(self, project: Path, processes: int, args) -> dict:
         cmd = _launch(processes) + [str(Path(__file__).resolve()), "--stand-in-worker", str(project),
                                     "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+        cmd += ["--no-datastore"] if args.no_datastore else []
         env = {k: v for k, v in os.environ.items() if not k.startswith("LABEL_STUDIO")}
         env.update({"LABEL_STUDIO_URL": "http://127.0.0.1:9", "LABEL_STUDIO_API_KEY": "stand-in",  # never contacted
                     "MEDIA_ALLOW_PRIVATE_NETWORKS": "127.0.0.1/32", "DEVICE": args.device,
@@ -242,7 +246,8 @@ def standin_worker(args) -> int:
 
     summary = prelabel.run(prelabel.Options(project=1, batch_size=args.batch_size, workers=args.workers,
                                             progress=False), client_factory=lambda host, token: ls,
-                           predictor_factory=predictor_factory)
+                           predictor_factory=predictor_factory,
+                           store_factory=(lambda config: None) if args.no_datastore else None)
     rank = int(os.environ.get("RANK", "0"))
     stored = [p["task"] for p in ls.stored]
     (project / f"rank{rank}.json").write_text(json.dumps({"devices": devices, "stored": stored}))
@@ -387,8 +392,9 @@ def main(argv=None) -> int:
         print(f"storing one prediction: bulk import {uploads['bulk_ms_per_prediction']:.1f} ms, predictions.create "
               f"{uploads['create_ms_per_prediction']:.1f} ms (mean result {uploads['mean_result_json_bytes']:.0f} "
               f"bytes of JSON)")
-    out = args.out or str(ROOT / "bench" / "results" / f"prelabel{'_stand_in' if args.stand_in else ''}.json")
-    out = write_json(out, {"against": where, "n": n, "image_size": list(size), "batch_size": args.batch_size,
+    suffix = ("_stand_in" if args.stand_in else "") + ("_no_datastore" if args.no_datastore else "")
+    out = args.out or str(ROOT / "bench" / "results" / f"prelabel{suffix}.json")
+    out = write_json(out, {"against": where, "datastore_records": not args.no_datastore, "n": n, "image_size": list(size), "batch_size": args.batch_size,
                                 "workers": args.workers, "device": args.device, "threads": args.threads,
                                 "rounds": rounds,
                                 "uploads": uploads, "table": table, "prelabel_stages_median_s": stages,
