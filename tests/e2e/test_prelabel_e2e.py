@@ -163,6 +163,7 @@ def test_prelabel_killed_half_way_then_resumed_under_torchrun_with_two_processes
         assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
         print(f"second run: {time.monotonic() - t1:.1f} s")
     summary = json.loads(second.stdout.strip().splitlines()[-1])
+    print(f"summary of the second run: {json.dumps(summary)}")
     assert pat not in second.stdout + second.stderr and TOKEN not in second.stdout + second.stderr
 
     final = predictions()
