@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "backend.learning.finetune",  # finetune
     "backend.serving.serve",     # serve
     "backend.learning.datastore.cli",  # datastore
+    "backend.prelabel",          # prelabel
 )
 
 

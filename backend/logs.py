@@ -16,9 +16,10 @@ def configure_logging(level: str = "INFO") -> None:
     if not root.handlers:
         logging.basicConfig(level=lvl, format=FORMAT)
     root.setLevel(lvl)
-    # the SDK logs every resolved media URL at INFO and Alembic two lines per datastore opened: quieter unless debugging
+    # the SDK logs every resolved media URL at INFO, its HTTP client (httpx) every request and Alembic two lines per
+    # datastore opened: quieter unless debugging
     if lvl > logging.DEBUG:
-        for name in ("label_studio_sdk", "urllib3", "werkzeug", "alembic"):
+        for name in ("label_studio_sdk", "httpx", "urllib3", "werkzeug", "alembic"):
             logging.getLogger(name).setLevel(max(lvl, logging.WARNING))
 
 

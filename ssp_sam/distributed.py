@@ -7,7 +7,8 @@ Without a process group (one process) every helper is the identity, so callers n
 from __future__ import annotations
 
 import os
-from typing import Any
+from datetime import timedelta
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,11 +21,13 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+def init_distributed(device: torch.device, timeout: Optional[timedelta] = None) -> tuple[int, int, torch.device]:
     """Join the process group torchrun describes (env ``WORLD_SIZE`` > 1; gloo on CPU, NCCL on CUDA) unless one is
-    already up. Returns (rank, world, device): under CUDA each process takes the GPU of its ``LOCAL_RANK``."""
+    already up. Returns (rank, world, device): under CUDA each process takes the GPU of its ``LOCAL_RANK``.
+    ``timeout``: how long a collective waits for the slowest rank (torch's default when None)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        kwargs = {"timeout": timeout} if timeout is not None else {}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kwargs)
     rank, world = rank_and_world()
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1))))

@@ -163,3 +163,99 @@ class TracedPeak:
     @property
     def mib(self) -> float:
         return self.peak_bytes / 2 ** 20
+
+
+class FakeLabelStudio:
+    """The part of label-studio-sdk's client ``backend.labelstudio.project`` uses (``projects.get``,
+    ``projects.import_predictions``, ``tasks.list``, ``predictions.create``) over one in-memory project.
+
+    ``tasks``: {task id: data}. ``refuse``: task ids whose predictions Label Studio refuses (HTTP 400, as for a
+    deleted task). ``fail_after_uploads``: upload requests answered before Label Studio becomes unreachable.
+    ``error``: raised by every call (a refused token, an unknown project)."""
+
+    def __init__(self, tasks: dict, label_config: str = LABEL_CONFIG, project_id: int = 1, refuse=(),
+                 fail_after_uploads=None, error=None):
+        self.task_data = dict(tasks)
+        self.label_config = label_config
+        self.project_id = project_id
+        self.refuse = set(refuse)
+        self.fail_after_uploads = fail_after_uploads
+        self.error = error
+        self.stored: list[dict] = []          # every prediction stored, in order
+        self.upload_requests = 0
+        self.lock = threading.Lock()
+        self.projects = _FakeProjects(self)
+        self.tasks = _FakeTasks(self)
+        self.predictions = _FakePredictions(self)
+
+    def versions_of(self, task_id) -> list[str]:
+        return [p["model_version"] for p in self.stored if p["task"] == task_id]
+
+    def _check(self, project=None):
+        from label_studio_sdk.core.api_error import ApiError
+
+        if self.error is not None:
+            raise self.error
+        if project is not None and project != self.project_id:
+            raise ApiError(status_code=404, body={"detail": "No Project matches the given query."})
+
+    def _upload(self, items: list[dict]) -> None:
+        from label_studio_sdk.core.api_error import ApiError
+        import httpx
+
+        with self.lock:
+            self._check()
+            self.upload_requests += 1
+            if self.fail_after_uploads is not None and self.upload_requests > self.fail_after_uploads:
+                raise httpx.ConnectError("[Errno 111] Connection refused")
+            bad = [p["task"] for p in items if p["task"] in self.refuse or p["task"] not in self.task_data]
+            if bad:
+                raise ApiError(status_code=400, body={"detail": "Validation error",
+                                                      "validation_errors": {"task": [f"Invalid pk {bad[0]}"]}})
+            self.stored.extend(items)
+
+
+class _FakeRecord:
+    def __init__(self, **data):
+        self.__dict__.update(data)
+        self._data = data
+
+    def model_dump(self):
+        return dict(self._data)
+
+
+class _FakeProjects:
+    def __init__(self, ls: FakeLabelStudio):
+        self.ls = ls
+
+    def get(self, id):  # noqa: A002 - the SDK's argument name
+        self.ls._check(id)
+        return _FakeRecord(id=id, label_config=self.ls.label_config)
+
+    def import_predictions(self, id, request):  # noqa: A002
+        self.ls._check(id)
+        self.ls._upload([p.model_dump(exclude_none=True) for p in request])
+        return _FakeRecord(created=len(request))
+
+
+class _FakeTasks:
+    def __init__(self, ls: FakeLabelStudio):
+        self.ls = ls
+        self.calls: list[dict] = []
+
+    def list(self, project, fields=None, include=None, page_size=None):
+        self.ls._check(project)
+        self.calls.append({"fields": fields, "include": include, "page_size": page_size})
+        with self.ls.lock:
+            return [_FakeRecord(id=tid, data=dict(data),
+                                predictions_model_versions=",".join(sorted(set(self.ls.versions_of(tid)))))
+                    for tid, data in self.ls.task_data.items()]
+
+
+class _FakePredictions:
+    def __init__(self, ls: FakeLabelStudio):
+        self.ls = ls
+
+    def create(self, **fields):
+        self.ls._upload([fields])
+        return _FakeRecord(id=len(self.ls.stored), **fields)

@@ -5,7 +5,9 @@ function):
 * ``backend.labelstudio`` (the protocol both sides speak) imports neither serving nor learning;
 * ``backend.learning`` does not import ``backend.serving``;
 * nothing the HTTP server can reach imports the training loop (``ssp_sam.train``) or the trainer
-  (``backend.learning.finetune``).
+  (``backend.learning.finetune``);
+* ``backend.prelabel`` (``ssp-sam prelabel``) is a client of the serving side: it uses the server's task -> regions
+  code and model resolution, nothing but the command line imports it, and it reaches no training code either.
 """
 
 from __future__ import annotations
@@ -96,6 +98,14 @@ def test_learning_does_not_import_serving(graph):
 def test_nothing_the_server_reaches_imports_training(graph):
     for entry in ("backend.serving.wsgi", "backend.serving.app", "backend.__main__"):
         assert TRAINING.isdisjoint(_reachable(graph, entry)), entry
+
+
+def test_bulk_prelabeling_is_a_client_of_serving(graph):
+    assert {"backend.serving.model", "backend.serving.model_manager"} <= graph["backend.prelabel"]
+    assert _violations(graph, ("ssp_sam", "backend.serving", "backend.learning", "backend.labelstudio"),
+                       ("backend.prelabel",)) == []
+    assert [m for m, targets in graph.items() if "backend.prelabel" in targets] == []   # the CLI loads it by name
+    assert TRAINING.isdisjoint(_reachable(graph, "backend.prelabel"))
 
 
 def test_serving_a_prediction_does_not_load_the_training_loop(tmp_path):

@@ -22,7 +22,9 @@ class RecordUnavailable(LookupError):
     """Label Studio cannot give this record, and asking again will not help (no connection, HTTP 4xx)."""
 
 
-def _sdk_client(hostname: str, token: str) -> Any:
+def sdk_client(hostname: str, token: str) -> Any:
+    """label-studio-sdk's client for ``hostname`` (the token goes to that host only); a legacy token or a personal
+    access token."""
     from label_studio_sdk.client import LabelStudio
 
     return LabelStudio(base_url=hostname, api_key=token)  # the SDK refreshes a personal access token itself
@@ -37,7 +39,7 @@ class LabelStudioRecords:
 
     def __init__(self, media: Any, client_factory: ClientFactory | None = None) -> None:
         self.media = media                      # backend.labelstudio.media.MediaFetcher (for .connection())
-        self._factory = client_factory or _sdk_client
+        self._factory = client_factory or sdk_client
         self._clients: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
 

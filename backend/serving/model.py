@@ -4,8 +4,14 @@ ModelResponse``. As upstream, one instance is built per request (cheap); everyth
 handled here: ``/webhook`` queues them in the datastore and the correction worker turns them into samples.
 
 Data flow of ``predict``: prompts (context / task fields / labels) -> media (image at natural, EXIF-transposed size)
--> ``predictor.predict_batch`` over every (image, sentence) pair of a chunk of tasks -> brush RLE regions. One bad
-task never fails the others: it gets an empty result and its reason is logged.
+-> ``predictor.predict_batch`` over every (image, sentence) pair of a chunk of tasks (the SAM and CLIP image encoders
+run batched across the chunk's images) -> brush RLE regions. One bad task never fails the others: it gets an answer
+without a result, and its reason is logged.
+
+The task -> regions steps are public so that ``ssp-sam prelabel`` (``backend/prelabel.py``) produces exactly what
+``/predict`` answers: :meth:`SSPSAMBackend.prepare` (sentences and image of one task; thread-safe, so a bulk run
+downloads ahead of the model) and :meth:`SSPSAMBackend.predict_prepared` (the model over prepared tasks, then one
+prediction dict per task).
 """
 
 from __future__ import annotations
@@ -50,6 +56,14 @@ class ModelResponse:
         return out
 
 
+@dataclass
+class PreparedTask:
+    """One task ready for the model: the task, its image at natural (EXIF-transposed) size, and its sentences."""
+    task: dict
+    image: np.ndarray
+    prompts: list
+
+
 class SSPSAMBackend:
     """Text-prompted BrushLabels pre-annotation with SSP-SAM."""
 
@@ -58,22 +72,31 @@ class SSPSAMBackend:
         self.project_id = project_id
         self.label_config = label_config
 
-    # ------------------------------------------------------------------ predict
-    def predict(self, tasks: list, context: Optional[dict] = None) -> ModelResponse:
-        spec = parse_label_config(self.label_config)
+    @property
+    def batch_size(self) -> int:
+        """Tasks per ``predict_batch`` call (``PREDICT_BATCH_SIZE``): their images go through the encoders together."""
+        return max(1, int(self.runtime.config.predict_batch_size))
+
+    def served(self):
+        """The model to predict with (``ModelManager.get``: loads it on first use); ``ModelUnavailable`` when it
+        cannot be loaded. Snapshot it once per request or run."""
         try:
-            served = self.runtime.manager.get()
+            return self.runtime.manager.get()
         except (WeightsNotReady, WeightsMissing) as exc:   # downloading, or which command fetches them
             raise ModelUnavailable(str(exc)) from None
         except Exception as exc:
             logger.error("model unavailable: %s: %s", type(exc).__name__, exc)
             raise ModelUnavailable(f"the model could not be loaded ({type(exc).__name__})") from None
+
+    # ------------------------------------------------------------------ predict
+    def predict(self, tasks: list, context: Optional[dict] = None) -> ModelResponse:
+        spec = parse_label_config(self.label_config)
+        served = self.served()
         results: list = [None] * len(tasks)
         messages: list = []
-        batch = max(1, int(self.runtime.config.predict_batch_size))
         progress = _Progress(len(tasks))
-        for start in range(0, len(tasks), batch):
-            chunk = range(start, min(len(tasks), start + batch))
+        for start in range(0, len(tasks), self.batch_size):
+            chunk = range(start, min(len(tasks), start + self.batch_size))
             self._predict_chunk(spec, served, tasks, chunk, context, results, messages, progress)
         message = None
         if is_interactive(context) and results and not results[0].get("result"):
@@ -86,33 +109,24 @@ class SSPSAMBackend:
     def _predict_chunk(self, spec: LabelingSpec, served, tasks: list, chunk: range, context, results: list,
                        messages: list, progress: "_Progress") -> None:
         """Fill ``results[i]`` for the tasks of one chunk: prepare each, predict them together, build each."""
-        n, version = len(tasks), served.version
         prepared = {}
         for i in chunk:
             try:
-                prepared[i] = self._prepare(spec, tasks[i], context)
+                prepared[i] = self.prepare(spec, tasks[i], context)
             except TaskError as exc:
-                results[i] = self._failed(version, tasks[i], i, n, str(exc))
+                results[i] = self.failed(served.version, tasks[i], str(exc))
                 messages.append(str(exc))
-        preds = self._run(served.predictor, prepared)
-        for i, (image, prompts) in prepared.items():
-            task_preds = preds.get(i)
-            if isinstance(task_preds, Exception):
-                results[i] = self._failed(version, tasks[i], i, n, f"prediction failed: {type(task_preds).__name__}")
-                continue
-            try:
-                results[i], msg = self._build(spec, tasks[i], image, prompts, task_preds, version)
-            except Exception as exc:   # a malformed prediction must not fail the batch
-                logger.exception("task %d/%d (id %s): building the result failed", i + 1, n, _task_id(tasks[i]))
-                results[i] = self._failed(version, tasks[i], i, n, f"result building failed: {type(exc).__name__}",
-                                          logged=True)
-                continue
+        for i, (result, msg) in self.predict_prepared(spec, served, prepared).items():
+            results[i] = result
             if msg:
                 messages.append(msg)
-            progress.task_done(i, tasks[i], results[i])
+            if "error" not in result:
+                progress.task_done(i, tasks[i], result)
 
-    # ------------------------------------------------------------------ steps
-    def _prepare(self, spec: LabelingSpec, task: Any, context) -> tuple:
+    # ------------------------------------------------------------------ steps (shared with ssp-sam prelabel)
+    def prepare(self, spec: LabelingSpec, task: Any, context=None) -> PreparedTask:
+        """The sentences and the image of one task; ``TaskError`` with a reason fit for the client when it has none
+        or its image cannot be read. Thread-safe (the media fetcher is)."""
         if not isinstance(task, dict):
             raise TaskError("task must be a JSON object")
         data = task.get("data")
@@ -129,53 +143,75 @@ class SSPSAMBackend:
             image = self.runtime.media.load_image(url, task_id=task.get("id"), project_id=self._project_of(task))
         except MediaError as exc:
             raise TaskError(str(exc)) from None
-        return image, prompts
+        return PreparedTask(task, image, prompts)
+
+    def predict_prepared(self, spec: LabelingSpec, served, prepared: dict) -> dict:
+        """The model over every (image, sentence) pair of ``prepared`` ({key: PreparedTask}) at once, then one
+        prediction per task: ``{key: (prediction dict, message or None)}``. A prediction dict is what ``/predict``
+        answers for the task: ``{"result", "score", "model_version"}``, or ``{"score", "model_version", "error"}``
+        when the model or the result building failed for it (the other tasks are unaffected)."""
+        version = served.version
+        preds = self._run(served.predictor, prepared)
+        out: dict = {}
+        for key, item in prepared.items():
+            task_preds = preds.get(key)
+            if isinstance(task_preds, Exception):
+                out[key] = (self.failed(version, item.task, f"prediction failed: {type(task_preds).__name__}"), None)
+                continue
+            try:
+                out[key] = self._build(spec, item, task_preds, version)
+            except Exception as exc:   # a malformed prediction must not fail the batch
+                logger.exception("task id %s: building the result failed", _task_id(item.task))
+                out[key] = (self.failed(version, item.task, f"result building failed: {type(exc).__name__}",
+                                        logged=True), None)
+        return out
 
     def _project_of(self, task: dict) -> Optional[int]:
         return self.project_id if self.project_id is not None else project_id_of(task.get("project"))
 
     def _run(self, predictor, prepared: dict) -> dict:
-        """predict_batch over every (image, sentence) pair of the prepared tasks; on failure, per task to isolate it.
-        Returns {task index: [Prediction, ...] or Exception}."""
+        """predict_batch over every (image, sentence) pair of the prepared tasks, the image encoders batched over all
+        their images; on failure, task by task to isolate it. Returns {key: [Prediction, ...] or Exception}."""
         pairs, owners = [], []
-        for i, (image, prompts) in prepared.items():
-            for p in prompts:
-                pairs.append((image, p.sentence))
-                owners.append(i)
+        for key, item in prepared.items():
+            for p in item.prompts:
+                pairs.append((item.image, p.sentence))
+                owners.append(key)
         if not pairs:
             return {}
         out: dict = {}
+        batch = max(self.batch_size, len(prepared))
         try:
-            preds = list(predictor.predict_batch(pairs))
+            preds = list(predictor.predict_batch(pairs, batch_size=batch))
             if len(preds) != len(pairs):
                 raise RuntimeError(f"predict_batch returned {len(preds)} predictions for {len(pairs)} inputs")
-            for i, p in zip(owners, preds):
-                out.setdefault(i, []).append(p)
+            for key, p in zip(owners, preds):
+                out.setdefault(key, []).append(p)
             return out
         except Exception:
             if len(prepared) == 1:
-                i = next(iter(prepared))
-                logger.exception("prediction failed for task index %d", i)
-                return {i: RuntimeError("prediction failed")}
+                key = next(iter(prepared))
+                logger.exception("prediction failed for task id %s", _task_id(prepared[key].task))
+                return {key: RuntimeError("prediction failed")}
             logger.warning("batched prediction failed; retrying task by task to isolate the failure")
-        for i, (image, prompts) in prepared.items():
+        for key, item in prepared.items():
             try:
-                preds = list(predictor.predict_batch([(image, p.sentence) for p in prompts]))
-                if len(preds) != len(prompts):
+                preds = list(predictor.predict_batch([(item.image, p.sentence) for p in item.prompts],
+                                                     batch_size=batch))
+                if len(preds) != len(item.prompts):
                     raise RuntimeError("wrong number of predictions")
-                out[i] = preds
+                out[key] = preds
             except Exception as exc:
-                logger.exception("prediction failed for task index %d", i)
-                out[i] = exc
+                logger.exception("prediction failed for task id %s", _task_id(item.task))
+                out[key] = exc
         return out
 
-    def _build(self, spec: LabelingSpec, task: dict, image: np.ndarray, prompts: list, preds: list,
-               version: str) -> tuple:
-        rt = self.runtime
-        h, w = image.shape[:2]
+    def _build(self, spec: LabelingSpec, item: PreparedTask, preds: list, version: str) -> tuple:
+        rt, task = self.runtime, item.task
+        h, w = item.image.shape[:2]
         regions, scores, echoed, misses = [], [], [], []
         project_id = self._project_of(task)
-        for prompt, pred in zip(prompts, preds):
+        for prompt, pred in zip(item.prompts, preds):
             mask = np.asarray(pred.mask).astype(bool)
             if mask.shape != (h, w):
                 raise ValueError(f"mask shape {mask.shape} != image shape {(h, w)}")
@@ -204,14 +240,14 @@ class SSPSAMBackend:
             msg = "no object matches " + "; ".join(f"'{s}'" for s in misses[:3])
         return {"result": result, "score": float(np.mean(scores)) if scores else 0.0, "model_version": version}, msg
 
-    def _failed(self, version: str, task, i: int, n: int, message: str, logged: bool = False) -> dict:
+    def failed(self, version: str, task, message: str, logged: bool = False) -> dict:
         """The answer for a task that could not be predicted: its reason, and no ``result``. Label Studio stores a
         prediction only for an answer that has a ``result``, so the task stays without one and the next "Retrieve
         predictions" tries it again (an empty result would be stored as the model's answer under this version, and
         every later retrieval would skip the task)."""
         self.runtime.metrics.inc("task_errors")
         if not logged:
-            logger.error("predict: task %d/%d (id %s) failed: %s", i + 1, n, _task_id(task), loggable(message, None))
+            logger.error("predict: task id %s failed: %s", _task_id(task), loggable(message, None))
         return {"score": 0.0, "model_version": version, "error": message}
 
 

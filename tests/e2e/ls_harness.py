@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scripts.labelstudio_headless import (LS_VENV, ROOT, Login, RunningLabelStudio, StartError, ensure_ls_venv,
-                                          free_port, start_label_studio as _start, stop, tail, wait_http)
+from scripts.labelstudio_headless import (LS_VENV, ROOT, Login, RunningLabelStudio, StartError, browser_session,
+                                          ensure_ls_venv, free_port, start_label_studio as _start, stop, tail,
+                                          wait_http)
 
 __all__ = ["LS_VENV", "ROOT", "StartError", "ensure_ls_venv", "free_port", "stop", "tail", "wait_http", "TOKEN", "USER",
-           "PASSWORD", "CI_LOGIN", "LABEL_CONFIG", "start_label_studio"]
+           "PASSWORD", "CI_LOGIN", "LABEL_CONFIG", "start_label_studio", "personal_access_token"]
 
 TOKEN = "ci0123456789abcdef0123456789abcdef012345"          # legacy token, applied when the user is created
 USER, PASSWORD = "ci@example.com", "ci-password-123"
@@ -22,3 +23,14 @@ LABEL_CONFIG = ('<View><Image name="image" value="$image"/><TextArea name="promp
 def start_label_studio(workdir: Path) -> RunningLabelStudio:
     """Start LS on a free port with a fresh data dir under ``workdir``; returns (process, base URL, log path)."""
     return _start(workdir, CI_LOGIN)
+
+
+def personal_access_token(url: str) -> str:
+    """A personal access token (a JWT refresh token) of the CI user: logged in like a browser, ``POST /api/token/``."""
+    s = browser_session(url, CI_LOGIN)
+    r = s.post(url + "/api/token/", headers={"X-CSRFToken": s.cookies.get("csrftoken"), "Referer": url + "/"},
+               timeout=10)
+    if r.status_code not in (200, 201):
+        raise RuntimeError(f"POST /api/token/ answered HTTP {r.status_code}: {r.text[:300]}")
+    body = r.json()
+    return body.get("token") or body.get("refresh")

@@ -32,7 +32,7 @@ from PIL import Image
 
 from ssp_sam.data.masks import brush_rle_to_mask, mask_to_brush_rle
 from ssp_sam.metrics import iou
-from tests.e2e.ls_harness import (LABEL_CONFIG, PASSWORD, ROOT, TOKEN, USER, ensure_ls_venv, free_port,
+from tests.e2e.ls_harness import (LABEL_CONFIG, ROOT, TOKEN, USER, ensure_ls_venv, free_port, personal_access_token,
                                   start_label_studio, stop, tail, wait_http)
 
 pytestmark = pytest.mark.e2e
@@ -359,21 +359,6 @@ def test_label_studio_end_to_end(servers):
     print(f"e2e sequence: {time.monotonic() - t0:.1f} s")
 
 
-def _personal_access_token(ls: str) -> str:
-    """Log in like a browser and create a personal access token (a JWT refresh token) at ``/api/token/``."""
-    s = requests.Session()
-    s.get(ls + "/user/login/", timeout=10)
-    csrf = s.cookies.get("csrftoken")
-    r = s.post(ls + "/user/login/", data={"email": USER, "password": PASSWORD, "csrfmiddlewaretoken": csrf},
-               headers={"Referer": ls + "/user/login/"}, timeout=10)
-    assert r.status_code in (200, 302), r.text[:300]
-    r = s.post(ls + "/api/token/", headers={"X-CSRFToken": s.cookies.get("csrftoken"), "Referer": ls + "/"},
-               timeout=10)
-    assert r.status_code in (200, 201), r.text[:300]
-    body = r.json()
-    return body.get("token") or body.get("refresh")
-
-
 def test_media_with_personal_access_token(servers, tmp_path):
     """The backend's media adapter exchanges a PAT for an access token (real SDK token client) and downloads an
     uploaded image with Bearer auth from the real Label Studio."""
@@ -391,7 +376,7 @@ def test_media_with_personal_access_token(servers, tmp_path):
     assert r.status_code == 201, r.text[:300]
     url = requests.get(f"{ls}/api/tasks?project={pid}", headers=legacy, timeout=10).json()["tasks"][0]["data"]["image"]
 
-    pat = _personal_access_token(ls)
+    pat = personal_access_token(ls)
     assert jwt_token_type(pat) == "refresh"
     cfg = BackendConfig.from_env({"MODEL_DIR": str(tmp_path), "LABEL_STUDIO_URL": ls, "LABEL_STUDIO_API_KEY": pat})
     got = MediaFetcher(cfg).load_image(url)

@@ -112,6 +112,24 @@ def test_predict_batches_pairs_in_one_call(client, ls_media, predictor):
     assert len(predictor.calls) == 1 and len(predictor.calls[0]) == 5
 
 
+def test_predict_runs_the_image_encoders_once_over_the_images_of_a_chunk(make_app, ls_media):
+    """With the real predictor (tiny model): the SAM and the CLIP image encoders see every image of a chunk of
+    PREDICT_BATCH_SIZE tasks in one call, not in predict_batch's default groups of 8."""
+    from ssp_sam.build import ModelConfig, load_model
+    from ssp_sam.predictor import SSPSAMPredictor
+
+    real = SSPSAMPredictor(load_model(ModelConfig(variant="tiny", device="cpu")))
+    seen = {"encode_image": [], "encode_clip_image": []}
+    for name in seen:
+        encoder = getattr(real.model, name)
+        setattr(real.model, name, lambda x, _e=encoder, _n=name: seen[_n].append(len(x)) or _e(x))
+    app = make_app(predictor_factory=lambda c, ckpt: real, PREDICT_BATCH_SIZE="12")
+    tasks = [task(i, ls_media(f"{i}.png", png_bytes(40, 30, color=(20 * i, 0, 0))), f"object {i}") for i in range(14)]
+    r = app.test_client().post("/predict", json=predict_body(tasks))
+    assert r.status_code == 200 and all("result" in x for x in r.get_json()["results"])
+    assert seen == {"encode_image": [12, 2], "encode_clip_image": [12, 2]}
+
+
 def test_one_bad_task_never_fails_the_batch(client, ls_media, requests_mock, make_app):
     good = ls_media("a.png", png_bytes())
     requests_mock.get(f"{LS_URL}/storage-data/uploaded/?filepath=upload/1/missing.png", status_code=404)
