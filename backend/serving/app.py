@@ -38,6 +38,8 @@ from backend.serving.json_body import BadJson, parse_json_object
 from backend.serving.metrics import ServingMetrics
 from backend.serving.model import ModelUnavailable, SSPSAMBackend
 from backend.serving.model_manager import ModelManager
+from backend.serving.prewarm import Prewarmer
+from ssp_sam.timing import collect, stage
 
 logger = logging.getLogger("backend.serving.app")
 
@@ -73,6 +75,7 @@ class Runtime:
         self._worker = None
         self._worker_pid = None
         self.guard: Optional[RequestGuard] = None     # set by create_app: admission counts for /metrics
+        self.prewarmer = Prewarmer(manager, media, self.metrics.inc)
 
     # ------------------------------------------------------------------ datastore
     def store(self):
@@ -114,7 +117,8 @@ class Runtime:
         try:
             store = self.store()
             if store is not None:
-                store.record_prediction(project_id, task_id, sentence, model_version, mask, score)
+                with stage("record"):
+                    store.record_prediction(project_id, task_id, sentence, model_version, mask, score)
         except Exception as exc:
             self.metrics.inc("record_prediction_errors")
             logger.warning("record_prediction failed for task %s: %s: %s", task_id, type(exc).__name__, exc)
@@ -144,7 +148,12 @@ class Runtime:
         if self._worker is not None:
             self._worker.notify()
 
+    def prewarm(self, url: str, task_id=None, project_id=None) -> bool:
+        """Queue a task's picture for its embedding to be computed in the background (``prewarm.Prewarmer``)."""
+        return self.prewarmer.submit(url, task_id=task_id, project_id=project_id)
+
     def stop(self) -> None:
+        self.prewarmer.stop()
         worker, self._worker = self._worker, None
         if worker is not None:
             try:
@@ -245,8 +254,14 @@ def _before_request():
 def _after_request(resp):
     seconds = time.perf_counter() - g.get("t0", time.perf_counter())
     endpoint = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
-    _rt().metrics.observe_request(endpoint, resp.status_code, seconds)
+    rt = _rt()
+    rt.metrics.observe_request(endpoint, resp.status_code, seconds)
     resp.headers["X-Request-Id"] = g.get("request_id", "")
+    timer = g.get("stage_timer")
+    if timer is not None:
+        if rt.config.server_timing:
+            resp.headers["Server-Timing"] = timer.server_timing(total=seconds)
+        logger.debug("predict stages (request %s): %s", g.get("request_id"), timer.server_timing(total=seconds))
     level = logging.INFO if endpoint not in ("/", "/health", "/metrics") else logging.DEBUG
     logger.log(level, "%s %s -> %d in %.3f s", request.method, request.path, resp.status_code, seconds)
     return resp
@@ -302,13 +317,25 @@ def predict():
     if not tasks:
         return jsonify({"results": [], "model_version": rt.model_version()})
     model = SSPSAMBackend(rt, project_id=project_id, label_config=label_config)
-    try:
-        body = model.predict(tasks, context=context).to_json()
-    except ModelUnavailable as exc:
-        raise ApiError(503, str(exc))
+    with collect() as timer:                       # stage spans of this request (ssp_sam.timing)
+        try:
+            body = model.predict(tasks, context=context).to_json()
+        except ModelUnavailable as exc:
+            raise ApiError(503, str(exc))
+        with stage("json"):
+            response = jsonify(body)
+    _report_stages(rt, timer)
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("predict response: %s", json.dumps(redact_rle(body))[:4000])
-    return jsonify(body)
+    return response
+
+
+def _report_stages(rt: Runtime, timer) -> None:
+    """Stage times of this /predict into /metrics; into a ``Server-Timing`` header with SERVER_TIMING=true (the
+    header is added in ``_after_request``, where the total is known); into the log at DEBUG."""
+    rt.metrics.observe_stages(timer.seconds)
+    if rt.config.server_timing or logger.isEnabledFor(logging.DEBUG):
+        g.stage_timer = timer
 
 
 def webhook():

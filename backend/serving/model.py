@@ -20,9 +20,10 @@ import numpy as np
 from backend.labelstudio.brush import brush_region, textarea_region
 from backend.labelstudio.label_config import LabelingSpec, parse_label_config
 from backend.labelstudio.media import MediaError
-from backend.labelstudio.prompts import collect_prompts, is_interactive
+from backend.labelstudio.prompts import collect_prompts, context_sentences, is_interactive, task_sentences
 from backend.labelstudio.protocol import project_id_of
 from backend.logs import loggable
+from ssp_sam.timing import stage
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class SSPSAMBackend:
     # ------------------------------------------------------------------ predict
     def predict(self, tasks: list, context: Optional[dict] = None) -> ModelResponse:
         spec = parse_label_config(self.label_config)
+        if self._awaiting_sentence(spec, tasks, context):
+            return self._prewarm(spec, tasks[0])
         try:
             served = self.runtime.manager.get()
         except Exception as exc:
@@ -87,7 +90,7 @@ class SSPSAMBackend:
         prepared = {}
         for i in chunk:
             try:
-                prepared[i] = self._prepare(spec, tasks[i], context)
+                prepared[i] = self._prepare(spec, tasks[i], context, served.predictor)
             except TaskError as exc:
                 results[i] = self._failed(version, tasks[i], i, n, str(exc))
                 messages.append(str(exc))
@@ -108,8 +111,28 @@ class SSPSAMBackend:
                 messages.append(msg)
             progress.task_done(i, tasks[i], results[i])
 
+    # ------------------------------------------------------------------ prewarm
+    def _awaiting_sentence(self, spec: LabelingSpec, tasks: list, context) -> bool:
+        """An interactive call on one task before the annotator typed a sentence: the config has a prompt TextArea,
+        the context has no sentence in it and the task data has none either."""
+        return (is_interactive(context) and spec.prompt_name is not None and len(tasks) == 1
+                and isinstance(tasks[0], dict) and isinstance(tasks[0].get("data"), dict)
+                and not context_sentences(spec, context)
+                and not task_sentences(tasks[0], self.runtime.config.prompt_fields))
+
+    def _prewarm(self, spec: LabelingSpec, task: dict) -> ModelResponse:
+        """Answer at once (nothing to segment yet) and compute the task image's embedding in the background, so the
+        sentence the annotator types next runs only the prompt path."""
+        url = task["data"].get(spec.image_value_key)
+        queued = isinstance(url, str) and bool(url.strip()) and self.runtime.prewarm(
+            url, task_id=task.get("id"), project_id=self._project_of(task))
+        message = "type a sentence in the prompt box" + (" (the image is being prepared)" if queued else "")
+        version = self.runtime.model_version()
+        return ModelResponse(predictions=[{"result": [], "score": 0.0, "model_version": version,
+                                           "message": message}], model_version=version, message=message)
+
     # ------------------------------------------------------------------ steps
-    def _prepare(self, spec: LabelingSpec, task: Any, context) -> tuple:
+    def _prepare(self, spec: LabelingSpec, task: Any, context, predictor=None) -> tuple:
         if not isinstance(task, dict):
             raise TaskError("task must be a JSON object")
         data = task.get("data")
@@ -123,7 +146,8 @@ class SSPSAMBackend:
             raise TaskError("no sentence: type one in the prompt TextArea, add a task field "
                             f"({', '.join(self.runtime.config.prompt_fields)}) or label values")
         try:
-            image = self.runtime.media.load_image(url, task_id=task.get("id"), project_id=self._project_of(task))
+            image = _image_for(predictor, self.runtime.media.open_image(url, task_id=task.get("id"),
+                                                                        project_id=self._project_of(task)))
         except MediaError as exc:
             raise TaskError(str(exc)) from None
         return image, prompts
@@ -185,8 +209,9 @@ class SSPSAMBackend:
                 rt.record_prediction(project_id, task.get("id"), prompt.sentence, version, np.zeros_like(mask),
                                      score)
                 continue
-            regions.append(brush_region(mask, from_name=spec.brush_name, to_name=spec.image_name,
-                                        label=prompt.label, score=score))
+            with stage("rle"):
+                regions.append(brush_region(mask, from_name=spec.brush_name, to_name=spec.image_name,
+                                            label=prompt.label, score=score))
             scores.append(score)
             if prompt.source in ("context", "task") and prompt.sentence not in echoed:
                 echoed.append(prompt.sentence)
@@ -210,6 +235,18 @@ class SSPSAMBackend:
         if not logged:
             logger.error("predict: task %d/%d (id %s) failed: %s", i + 1, n, _task_id(task), loggable(message, None))
         return {"score": 0.0, "model_version": version, "error": message}
+
+
+def _image_for(predictor, ref):
+    """What to hand the predictor for a task's picture (an ``ssp_sam.images.ImageRef``). A predictor that takes
+    references (it has ``has_image``) gets the reference, decoded now unless its features are cached, so that a bad
+    picture fails this task with its reason and a cached one is never decoded; any other predictor gets the pixels."""
+    has_image = getattr(predictor, "has_image", None)
+    if not callable(has_image):
+        return ref.pixels()
+    if not has_image(ref.key):
+        ref.pixels()
+    return ref
 
 
 def _task_id(task) -> Any:

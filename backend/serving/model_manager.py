@@ -59,7 +59,8 @@ def default_predictor_factory(config, checkpoint: Optional[str]):
     from ssp_sam.predictor import SSPSAMPredictor
 
     cfg = ModelConfig(variant=config.variant, checkpoint=checkpoint, sam_checkpoint=config.sam_checkpoint,
-                      clip_checkpoint=config.clip_checkpoint, device=config.device, dtype=config.dtype)
+                      clip_checkpoint=config.clip_checkpoint, device=config.device, dtype=config.dtype,
+                      sdpa=config.sdpa, compile=config.torch_compile)
     return SSPSAMPredictor(load_model(cfg), threshold=config.mask_threshold,
                            cache_bytes=int(config.embedding_cache_mb) * 2**20)
 
