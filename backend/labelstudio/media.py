@@ -46,7 +46,7 @@ from backend.labelstudio.download import (AddressPolicy, Deadline, DownloadError
                                           GuardedSession)
 from backend.labelstudio.protocol import url_origin
 from backend.logs import OneLineMessages, loggable
-from ssp_sam.images import ImageRef, ImageTooLarge, file_digest, image_size, load_image
+from ssp_sam.images import ImageRef, ImageTooLarge, file_digest, load_image
 from ssp_sam.timing import stage
 from ssp_sam.io import write_text_atomic
 
@@ -246,32 +246,25 @@ class MediaFetcher:
             return self._fetch(url, task_id, project_id, deadline, "the media")
 
     def open_image(self, url: str, task_id=None, project_id=None) -> ImageRef:
-        """The task's picture, fetched (or found in the cache) and identified, but not decoded: an ``ImageRef`` with
-        its content key (``file_digest``, remembered while the file is unchanged) and its displayed size (from the
-        header; ``MAX_IMAGE_PIXELS`` checked there). ``ref.pixels()`` decodes it through :meth:`load_image`, so a
-        picture whose features the predictor has cached is never decoded."""
+        """The task's picture as an ``ImageRef``: its content key (``file_digest`` of the file) and its size, known
+        without decoding once this process has seen the file (remembered while the file is unchanged), so that a
+        picture whose features the predictor has cached is never decoded; ``ref.pixels()`` decodes it then. A file
+        seen for the first time is decoded here (the key needs the file, the size its pixels: a PNG's orientation
+        can only be read after its pixels), with the checks of :meth:`load_image`."""
         with Deadline(self.config.media_timeout_s) as deadline:
             with stage("fetch"):
                 path = self._fetch(url, task_id, project_id, deadline, "the image")
-            with self._lock:
-                identity = self._identities.get(path)
-            if identity is None:
-                with stage("key"):
-                    try:
-                        hw = image_size(path, max_pixels=self.config.max_image_pixels)[::-1]
-                        identity = (file_digest(path), hw)
-                    except ImageTooLarge as exc:
-                        self._count("errors")
-                        raise MediaError(f"{_subject('the image', url, task_id)} is too large: {exc} "
-                                         f"(MAX_IMAGE_PIXELS)") from None
-                    except Exception:
-                        identity = None      # unreadable header: load_image below says why, or re-downloads it
-                if identity is not None:
-                    with self._lock:
-                        self._identities[path] = identity
-        if identity is None:
-            return ImageRef.of(self._load_image(url, task_id, project_id, path))
-        return ImageRef(identity[0], identity[1], loader=lambda: self._load_image(url, task_id, project_id, path))
+        with self._lock:
+            identity = self._identities.get(path)
+        if identity is not None:
+            return ImageRef(identity[0], identity[1], loader=lambda: self._load_image(url, task_id, project_id, path))
+        with stage("decode"):
+            pixels = self._load_image(url, task_id, project_id, path)
+        with stage("key"):
+            key = file_digest(path)          # after decoding: a truncated file was replaced by then
+        with self._lock:
+            self._identities[path] = (key, pixels.shape[:2])
+        return ImageRef(key, pixels.shape[:2], loader=lambda: pixels, pixels=pixels)
 
     def load_image(self, url: str, task_id=None, project_id=None) -> np.ndarray:
         return self._load_image(url, task_id, project_id, None)

@@ -13,6 +13,7 @@ strictly (:mod:`backend.serving.json_body`), ids checked with ``protocol.as_int`
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 import json
 import logging
@@ -22,7 +23,7 @@ import time
 import uuid
 from typing import Any, Callable, Optional
 
-from flask import Flask, current_app, g, jsonify, request
+from flask import Flask, current_app, g, has_request_context, jsonify, request
 from flask.testing import FlaskClient
 from werkzeug.exceptions import HTTPException
 
@@ -34,7 +35,7 @@ from backend.labelstudio.protocol import CORRECTION_ACTIONS, as_int, describe_va
 from backend.labelstudio.webhooks import InvalidWebhook, validate_webhook
 from backend.learning import versions
 from backend.serving.guard import RequestGuard
-from backend.serving.json_body import BadJson, parse_json_object
+from backend.serving.json_body import BadJson, FastJSONProvider, parse_json_object
 from backend.serving.metrics import ServingMetrics
 from backend.serving.model import ModelUnavailable, SSPSAMBackend
 from backend.serving.model_manager import ModelManager
@@ -113,15 +114,26 @@ class Runtime:
         return store
 
     def record_prediction(self, project_id, task_id, sentence, model_version, mask, score) -> None:
-        """Best effort: a datastore failure never fails a prediction."""
-        try:
-            store = self.store()
-            if store is not None:
-                with stage("record"):
+        """Remember a predicted mask in the datastore. Best effort: a datastore failure never fails a prediction.
+        Inside a request the write waits until the response has been sent (``_after_request``): the client does not
+        wait for the mask's PNG encoding and the datastore's commit (a stage of its own in /metrics, ``record``)."""
+        args = (project_id, task_id, sentence, model_version, mask, score)
+        if has_request_context():
+            g.setdefault("deferred_records", []).append(args)
+        else:
+            self.write_records([args])
+
+    def write_records(self, records: list) -> None:
+        t0 = time.perf_counter()
+        for project_id, task_id, sentence, model_version, mask, score in records:
+            try:
+                store = self.store()
+                if store is not None:
                     store.record_prediction(project_id, task_id, sentence, model_version, mask, score)
-        except Exception as exc:
-            self.metrics.inc("record_prediction_errors")
-            logger.warning("record_prediction failed for task %s: %s: %s", task_id, type(exc).__name__, exc)
+            except Exception as exc:
+                self.metrics.inc("record_prediction_errors")
+                logger.warning("record_prediction failed for task %s: %s: %s", task_id, type(exc).__name__, exc)
+        self.metrics.observe_stages({"record": time.perf_counter() - t0})
 
     # ------------------------------------------------------------------ correction worker
     def ensure_worker(self) -> None:
@@ -196,6 +208,7 @@ def create_app(config: Optional[BackendConfig] = None, *, predictor_factory=None
 
     app = Flask("backend")
     app.config["MAX_CONTENT_LENGTH"] = config.max_request_body_bytes     # the guard enforces it on the bytes read
+    app.json = FastJSONProvider(app)
     app.json.sort_keys = False
     app.test_client_class = BufferedClient
     rt.guard = RequestGuard(app.wsgi_app, max_in_flight=config.max_in_flight,
@@ -257,6 +270,9 @@ def _after_request(resp):
     rt = _rt()
     rt.metrics.observe_request(endpoint, resp.status_code, seconds)
     resp.headers["X-Request-Id"] = g.get("request_id", "")
+    records = g.pop("deferred_records", None)
+    if records:                                   # written once the response has been sent
+        resp.call_on_close(functools.partial(rt.write_records, records))
     timer = g.get("stage_timer")
     if timer is not None:
         if rt.config.server_timing:
