@@ -119,9 +119,15 @@ def interactive_body(image_url: str, task_id: int, sentence: str | None) -> dict
             "label_config": TEST_LABEL_CONFIG, "params": {"context": {"result": result}}}
 
 
-def predict(session: requests.Session, base: str, image_url: str, task_id: int, sentence: str | None) -> dict:
+def predict(session: requests.Session, base: str, image_url: str, task_id: int, sentence: str | None,
+            pause: float = 0.0) -> dict:
+    """One interactive /predict. ``client_ms``: until the whole answer has arrived (its parsing is the client's
+    business); ``pause`` before it: an annotator's think time, which also lets the server finish what it does after
+    an answer (recording the mask) before the next request on the same connection."""
+    time.sleep(pause)
     t0 = time.perf_counter()
     r = session.post(base + "/predict", json=interactive_body(image_url, task_id, sentence), timeout=900)
+    r.content                                                   # noqa: B018 - read the whole body
     client_ms = 1000 * (time.perf_counter() - t0)
     r.raise_for_status()
     body = r.json()
@@ -129,8 +135,10 @@ def predict(session: requests.Session, base: str, image_url: str, task_id: int, 
     if "error" in first:
         raise RuntimeError(f"the server failed the task: {first['error']}")
     stages = server_timing(r.headers.get("Server-Timing"))
+    server_ms = stages.pop("total", None)
     model_ms = sum(stages.get(s, 0.0) for s in MODEL_STAGES)
-    return {"client_ms": client_ms, "stages": stages, "model_ms": model_ms if stages else None,
+    return {"client_ms": client_ms, "server_ms": server_ms, "stages": stages, "model_ms": model_ms if stages else None,
+            "unstaged_ms": server_ms - sum(stages.values()) if server_ms is not None else None,
             "overhead_ms": client_ms - model_ms if stages else None,
             "regions": sum(x["type"] == "brushlabels" for x in first.get("result", [])),
             "rle_ints": sum(len(x["value"]["rle"]) for x in first.get("result", []) if x["type"] == "brushlabels")}
@@ -175,6 +183,7 @@ def summarise(rows: list[dict]) -> dict:
     stages = sorted({s for r in rows for s in r["stages"]}, key=lambda s: (STAGES + ("total",)).index(s)
                     if s in STAGES + ("total",) else 99)
     out = {"n": len(rows), "client_ms": median([r["client_ms"] for r in rows]),
+           "server_ms": median([r["server_ms"] for r in rows]), "unstaged_ms": median([r["unstaged_ms"] for r in rows]),
            "client_ms_min": min(r["client_ms"] for r in rows), "client_ms_max": max(r["client_ms"] for r in rows),
            "model_ms": median([r["model_ms"] for r in rows]), "overhead_ms": median([r["overhead_ms"] for r in rows]),
            "stages_ms": {s: median([r["stages"].get(s, 0.0) for r in rows]) for s in stages},
@@ -203,9 +212,11 @@ def print_tables(results: dict) -> None:
         cells = [(v, k) for v in names for k in ("cold", "warm") if k in by_variant[v]]
         for s in stage_names:
             print(f"| {s} | " + " | ".join(fmt(by_variant[v][k]["stages_ms"].get(s), 1) for v, k in cells) + " |")
-        for label, key, d in (("model", "model_ms", 1), ("overhead (client - model)", "overhead_ms", 1),
+        for label, key, d in (("app, outside the stages", "unstaged_ms", 1), ("model", "model_ms", 1),
+                              ("overhead (client - model)", "overhead_ms", 1), ("app total", "server_ms", 1),
                               ("client total", "client_ms", 1)):
             print(f"| **{label}** | " + " | ".join(fmt(by_variant[v][k][key], d) for v, k in cells) + " |")
+        print("| RLE length (ints) | " + " | ".join(fmt(by_variant[v][k]["rle_ints"]) for v, k in cells) + " |")
         print("| overhead / model | " + " | ".join(
             fmt(100 * by_variant[v][k]["overhead_share"], 1) + " %" if by_variant[v][k].get("overhead_share")
             is not None else "" for v, k in cells) + " |")
@@ -262,9 +273,10 @@ def run(args) -> dict:
                 for name in order:
                     base = servers[name].base
                     task_id += 1
-                    rows[name]["cold"].append(predict(session, base, url, task_id, sentence(task_id, 0)))
+                    rows[name]["cold"].append(predict(session, base, url, task_id, sentence(task_id, 0), args.pause))
                     for k in range(args.warm):
-                        rows[name]["warm"].append(predict(session, base, url, task_id, sentence(task_id, k + 1)))
+                        rows[name]["warm"].append(predict(session, base, url, task_id, sentence(task_id, k + 1),
+                                                          args.pause))
                     print(f"{size} image {i} {name}: cold {rows[name]['cold'][-1]['client_ms']:.0f} ms, warm "
                           f"{median([r['client_ms'] for r in rows[name]['warm'][-args.warm:]]):.0f} ms", flush=True)
             results[size] = {"format": fmt_, "variants": {name: {k: summarise(v) for k, v in r.items() if v}
@@ -276,9 +288,9 @@ def run(args) -> dict:
                     task_id += 1
                     before = counters(base)
                     done = before.get("prewarm_computed", 0) + before.get("prewarm_cached", 0)
-                    call = predict(session, base, url, task_id, None)
+                    call = predict(session, base, url, task_id, None, args.pause)
                     ready = wait_prewarmed(base, done)
-                    first = predict(session, base, url, task_id, sentence(task_id, 0))
+                    first = predict(session, base, url, task_id, sentence(task_id, 0), args.pause)
                     results[size]["variants"][name].update(prewarm_call=summarise([call]), prewarm_ready_s=ready,
                                                prewarmed=summarise([first]))
         for name, server in servers.items():
@@ -296,6 +308,7 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=2, help="new images per size (one cold request each)")
     ap.add_argument("--warm", type=int, default=4, help="new sentences per image after the first (warm requests)")
     ap.add_argument("--prewarm", action="store_true", help="also time a first sentence after a prewarm")
+    ap.add_argument("--pause", type=float, default=0.5, help="seconds before each request (think time)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--cache-mb", type=int, default=512, help="EMBEDDING_CACHE_MB of the servers")
@@ -317,7 +330,7 @@ def main(argv=None) -> int:
     path = write_json(args.out, {"model": args.model, "device": args.device, "dtype": args.dtype,
                                  "served_commit": commit, "variants": args.variants,
                                  "base_repo": args.base_repo, "images": args.images,
-                                 "warm_per_image": args.warm, "results": results})
+                                 "warm_per_image": args.warm, "pause_s": args.pause, "results": results})
     print(f"\nwrote {path}")
     return 0
 

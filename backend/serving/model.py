@@ -90,7 +90,7 @@ class SSPSAMBackend:
         prepared = {}
         for i in chunk:
             try:
-                prepared[i] = self._prepare(spec, tasks[i], context, served.predictor)
+                prepared[i] = self._prepare(spec, tasks[i], context)
             except TaskError as exc:
                 results[i] = self._failed(version, tasks[i], i, n, str(exc))
                 messages.append(str(exc))
@@ -132,7 +132,7 @@ class SSPSAMBackend:
                                            "message": message}], model_version=version, message=message)
 
     # ------------------------------------------------------------------ steps
-    def _prepare(self, spec: LabelingSpec, task: Any, context, predictor=None) -> tuple:
+    def _prepare(self, spec: LabelingSpec, task: Any, context) -> tuple:
         if not isinstance(task, dict):
             raise TaskError("task must be a JSON object")
         data = task.get("data")
@@ -146,8 +146,8 @@ class SSPSAMBackend:
             raise TaskError("no sentence: type one in the prompt TextArea, add a task field "
                             f"({', '.join(self.runtime.config.prompt_fields)}) or label values")
         try:
-            image = _image_for(predictor, self.runtime.media.open_image(url, task_id=task.get("id"),
-                                                                        project_id=self._project_of(task)))
+            ref = self.runtime.media.open_image(url, task_id=task.get("id"), project_id=self._project_of(task))
+            image = _image_for(self.runtime.manager.get().predictor, ref)
         except MediaError as exc:
             raise TaskError(str(exc)) from None
         return image, prompts
@@ -197,7 +197,7 @@ class SSPSAMBackend:
         regions, scores, echoed, misses = [], [], [], []
         project_id = self._project_of(task)
         for prompt, pred in zip(prompts, preds):
-            mask = np.asarray(pred.mask).astype(bool)
+            mask = np.asarray(pred.mask, dtype=bool)
             if mask.shape != (h, w):
                 raise ValueError(f"mask shape {mask.shape} != image shape {(h, w)}")
             score = float(getattr(pred, "score", 0.0) or 0.0)
