@@ -42,7 +42,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import write_json  # noqa: E402
+from bench.common import exit_on_sigterm, write_json  # noqa: E402
 from ssp_sam.timing import MODEL_STAGES, STAGES  # noqa: E402
 from tests.local_http import LocalMediaServer  # noqa: E402
 from tests.payloads import TEST_LABEL_CONFIG  # noqa: E402
@@ -284,6 +284,8 @@ def run(args) -> dict:
             if args.prewarm:
                 url = media.add_upload(f"{size}-prewarm.{fmt_.lower()}", encode(photo_like(w, h, 777), fmt_))
                 for name in servers:
+                    if name == "base":                  # another checkout: it may have no prewarm
+                        continue
                     base = servers[name].base
                     task_id += 1
                     before = counters(base)
@@ -319,6 +321,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "server_latency.json"))
     ap.add_argument("--smoke", action="store_true", help="tiny model, 96x64 and 320x240 images, 1 image, 2 warm")
     args = ap.parse_args(argv)
+    exit_on_sigterm()
     if args.smoke:
         args.model, args.sizes, args.images, args.warm = "tiny", ["96x64", "320x240"], 1, 2
     results = run(args)
