@@ -229,3 +229,38 @@ def test_prewarm_queue_is_bounded_and_keeps_the_newest():
     assert manager.done == ["u0", "u2", "u3"]
     assert counts == {"prewarm_queued": 4, "prewarm_dropped": 1, "prewarm_computed": 3}
     pw.stop()
+
+
+# ---------------------------------------------------------------------- settings and encoders
+def test_settings_reach_the_model_config(tmp_path, monkeypatch):
+    from backend.config import BackendConfig
+    from backend.serving import model_manager
+
+    c = BackendConfig.from_env({})
+    assert (c.sdpa, c.torch_compile, c.server_timing) == (True, False, False)
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def fake_load(cfg):
+        seen.append(cfg)
+        raise Seen
+    monkeypatch.setattr("ssp_sam.build.load_model", fake_load)
+    cfg = BackendConfig.from_env({"SDPA": "false", "TORCH_COMPILE": "true", "SSP_SAM_VARIANT": "tiny",
+                                  "MODEL_DIR": str(tmp_path)})
+    with pytest.raises(Seen):
+        model_manager.default_predictor_factory(cfg, None)
+    assert (seen[0].sdpa, seen[0].compile) == (False, True)
+
+
+def test_responses_are_encoded_by_ujson_with_a_fallback(app):
+    import json
+
+    provider = app.json
+    body = {"results": [{"result": [{"value": {"rle": list(range(300)), "text": ["a/b é"]}}], "score": 0.1234567}],
+            "model_version": "v/1"}
+    fast = provider.dumps(body)
+    assert json.loads(fast) == body and "\\/" not in fast and fast.isascii()
+    assert "NaN" in provider.dumps({"x": float("nan")})               # ujson refuses it: Flask's own encoder
+    assert provider.dumps({"b": 1, "a": 2}, indent=2) == '{\n  "b": 1,\n  "a": 2\n}'

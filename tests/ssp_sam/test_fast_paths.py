@@ -185,6 +185,17 @@ def test_image_ref_is_decoded_only_on_a_cache_miss(tmp_path):
         pred.predict(bad, "x")
 
 
+def test_a_picture_at_the_sam_size_is_upsampled_once():
+    from torch.nn import functional as F
+    from ssp_sam.transforms import frame_to_original
+
+    logits = torch.randn(32, 32)
+    two_steps = F.interpolate(F.interpolate(logits[None, None], (64, 64), mode="bilinear", align_corners=False)
+                              [..., :64, :48], (64, 48), mode="bilinear", align_corners=False)[0, 0]
+    assert torch.equal(frame_to_original(logits, (64, 48), 64), two_steps)          # the identity resize skipped
+    assert frame_to_original(logits, (100, 75), 64).shape == (100, 75)
+
+
 def test_byte_lru_membership_counts_nothing():
     class Blob:
         nbytes = 10
