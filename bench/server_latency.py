@@ -2,8 +2,9 @@
 on a cached image (warm), at several image sizes, for server variants compared side by side.
 
 Each variant is a running ``ssp-sam serve`` (gunicorn, one worker, ``SERVER_TIMING=true``) on 127.0.0.1 with the
-chosen model (default ``ssp-sam-224-vit-b`` with random weights: the server builds them when no checkpoint is
-configured; timings do not depend on weight values). Task images come from a local HTTP server standing in for Label
+chosen model (default ``ssp-sam-224-vit-b``) with random weights, the same in every server: a bundle of
+``build_model(model, seed=0)`` written once to a temporary folder and served as ``SSP_SAM_CHECKPOINT`` (timings of the
+model do not depend on weight values, but those of the RLE and the JSON depend on the masks). Task images come from a local HTTP server standing in for Label
 Studio (uploads with a legacy token). Requests are Label Studio's interactive ones: one task, the sentence in the
 prompt TextArea of ``params.context``. The variants' servers run at the same time and take turns image by image, so
 that the load of a shared machine falls on all of them alike.
@@ -235,6 +236,17 @@ def print_tables(results: dict) -> None:
 
 
 # ---------------------------------------------------------------------- run
+def random_bundle(model: str, folder: Path) -> Path:
+    """A bundle of ``build_model(model, seed=0)`` with every part (served as SSP_SAM_CHECKPOINT by every variant)."""
+    from ssp_sam.build import build_model
+    from ssp_sam.checkpoints import save_bundle
+    from ssp_sam.tokenizer import load_tokenizer
+
+    net = build_model(model, seed=0)
+    tokenizer = None if net.spec.tokenizer == "clip-bpe" else load_tokenizer(net.spec)
+    return save_bundle(net, tokenizer, folder / f"{model}-seed0.pt", meta={"version": f"{model}-seed0"})
+
+
 def run(args) -> dict:
     sizes = [parse_size(s) for s in args.sizes]
     variants = [(*parse_variant(v), args.repo) for v in args.variants]
@@ -244,9 +256,12 @@ def run(args) -> dict:
                 "DEVICE": args.device, "DTYPE": args.dtype, "LOG_LEVEL": "WARNING",
                 "EMBEDDING_CACHE_MB": str(args.cache_mb), "GUNICORN_TIMEOUT": "1800"}
     results: dict = {}
+    if args.threads:
+        base_env["OMP_NUM_THREADS"] = str(args.threads)
     with tempfile.TemporaryDirectory(prefix="server-latency-") as tmp, \
             LocalMediaServer(token=TOKEN) as media, contextlib.ExitStack() as stack:
         tmp = Path(tmp)
+        base_env["SSP_SAM_CHECKPOINT"] = str(random_bundle(args.model, tmp))
         servers = {}
         for name, env, repo in variants:
             folder = tmp / name
@@ -313,6 +328,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pause", type=float, default=0.5, help="seconds before each request (think time)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the servers (torch's threads)")
     ap.add_argument("--cache-mb", type=int, default=512, help="EMBEDDING_CACHE_MB of the servers")
     ap.add_argument("--png-up-to-mp", type=float, default=2.0, help="PNG images up to this many megapixels, JPEG above")
     ap.add_argument("--repo", default=str(ROOT), help="the checkout whose server is run (default: this one)")
@@ -333,7 +349,8 @@ def main(argv=None) -> int:
     path = write_json(args.out, {"model": args.model, "device": args.device, "dtype": args.dtype,
                                  "served_commit": commit, "variants": args.variants,
                                  "base_repo": args.base_repo, "images": args.images,
-                                 "warm_per_image": args.warm, "pause_s": args.pause, "results": results})
+                                 "warm_per_image": args.warm, "pause_s": args.pause, "threads": args.threads,
+                                 "weights": f"build_model({args.model!r}, seed=0)", "results": results})
     print(f"\nwrote {path}")
     return 0
 
