@@ -4,8 +4,8 @@ Starts ``ssp-sam serve`` (gunicorn, one worker) with the chosen model and cache 
 ``/predict`` requests, each on a new image (a cold request: its SAM and CLIP features enter the cache), until the
 cache has been filled ``--fill`` times over. The worker's VmRSS is sampled every ``--sample-s`` seconds from
 ``/proc``; the embedding cache's own count (``/metrics``: bytes, items, evictions) is read after every request.
-The bound holds when the peak RSS stays within the RSS after warm-up + the cache bound + ``--margin-mb`` (allocator
-arenas, the media cache's page cache is not RSS).
+The bound holds when the peak RSS stays within the RSS after warm-up + the cache bound + ``--margin-mb`` (the text
+features' cache, bounded at 32 MB, allocator arenas; the media cache's page cache is not RSS).
 
     python bench/memory.py                                  # demo model, EMBEDDING_CACHE_MB=128, filled twice over
     python bench/memory.py --model ssp-sam-224 --device cuda --cache-mb 512      # on a GPU (bench/gpu.sh)
@@ -61,8 +61,10 @@ class Sampler(threading.Thread):
             self.stopped.wait(self.every)
 
 
-def embedding_cache(base: str) -> dict:
-    return requests.get(base + "/metrics", timeout=30).json()["serving"]["embedding_cache"]["image_cache"]
+def caches(base: str) -> tuple[dict, dict]:
+    """(image-feature cache, text-feature cache) statistics from /metrics."""
+    stats = requests.get(base + "/metrics", timeout=30).json()["serving"]["embedding_cache"]
+    return stats["image_cache"], stats.get("text_cache") or {}
 
 
 def run(args) -> dict:
@@ -78,7 +80,7 @@ def run(args) -> dict:
         for i, url in enumerate(urls):                      # warm-up: one-off allocations out of the way
             predict(session, server.base, url, i + 1, f"warm up {i}")
         baseline = rss_mb(pid)
-        first = embedding_cache(server.base)
+        first, _ = caches(server.base)
         per_item = first["bytes"] / max(1, first["items"])
         target = int(args.fill * args.cache_mb * MB / per_item) + 1
         sampler = Sampler(pid, args.sample_s)
@@ -91,22 +93,24 @@ def run(args) -> dict:
                 predict(session, server.base, url, 1000 + i, f"the object number {i}")
                 media.files.clear()                         # the bench keeps no image it no longer serves
                 if i % max(1, target // 20) == 0 or i == target - 1:
-                    c = embedding_cache(server.base)
+                    c, t = caches(server.base)
                     log.append({"requests": i + 1, "rss_mb": rss_mb(pid), "cache_mb": c["bytes"] / MB,
-                                "items": c["items"], "evictions": c["evictions"]})
+                                "items": c["items"], "evictions": c["evictions"],
+                                "text_cache_mb": t.get("bytes", 0) / MB})
                     print(f"{i + 1:5d}/{target} requests: RSS {log[-1]['rss_mb']:.0f} MB, cache "
-                          f"{log[-1]['cache_mb']:.1f} MB in {c['items']} items, {c['evictions']} evicted", flush=True)
+                          f"{log[-1]['cache_mb']:.1f} MB in {c['items']} items, {c['evictions']} evicted; text cache "
+                          f"{log[-1]['text_cache_mb']:.1f} MB", flush=True)
         finally:
             sampler.stopped.set()
             sampler.join()
-        final = embedding_cache(server.base)
+        final, final_text = caches(server.base)
     peak = max(sampler.peak, max(r["rss_mb"] for r in log))
     allowed = baseline + args.cache_mb + args.margin_mb
     return {"model": args.model, "device": args.device, "image_size": args.size, "cache_mb": args.cache_mb,
             "margin_mb": args.margin_mb, "feature_bytes_per_image": per_item, "requests": target,
             "seconds": time.monotonic() - t0, "rss_after_warmup_mb": baseline, "rss_peak_mb": peak,
             "rss_growth_mb": peak - baseline, "allowed_peak_mb": allowed, "within_bound": peak <= allowed,
-            "cache_final": final, "cache_never_over_bound": all(r["cache_mb"] <= args.cache_mb for r in log),
+            "cache_final": final, "text_cache_final": final_text, "cache_never_over_bound": all(r["cache_mb"] <= args.cache_mb for r in log),
             "progress": log}
 
 
@@ -129,7 +133,7 @@ def main(argv=None) -> int:
     r = run(args)
     print(f"\n{r['model']} on {r['device']}, EMBEDDING_CACHE_MB={r['cache_mb']}: {r['requests']} new images "
           f"({r['feature_bytes_per_image'] / 1024:.0f} KiB of features each) in {r['seconds']:.0f} s")
-    print(f"| RSS after warm-up | peak RSS | growth | bound + margin | cache at the end | evictions |")
+    print("| RSS after warm-up | peak RSS | growth | bound + margin | cache at the end | evictions |")
     print("|---:|---:|---:|---:|---:|---:|")
     print(f"| {r['rss_after_warmup_mb']:.0f} MB | {r['rss_peak_mb']:.0f} MB | {r['rss_growth_mb']:.0f} MB | "
           f"{r['cache_mb']} + {r['margin_mb']:.0f} MB | {r['cache_final']['bytes'] / MB:.1f} MB "

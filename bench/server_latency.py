@@ -95,6 +95,11 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, env
 
 
+def rotated(items: list, k: int) -> list:
+    k %= max(1, len(items))
+    return items[k:] + items[:k]
+
+
 def sentence(task_id: int, k: int) -> str:
     """A sentence no server has seen (the text features are cached by sentence)."""
     return f"{SENTENCES[k % len(SENTENCES)]} number {task_id}"
@@ -188,6 +193,7 @@ def summarise(rows: list[dict]) -> dict:
            "client_ms_min": min(r["client_ms"] for r in rows), "client_ms_max": max(r["client_ms"] for r in rows),
            "model_ms": median([r["model_ms"] for r in rows]), "overhead_ms": median([r["overhead_ms"] for r in rows]),
            "stages_ms": {s: median([r["stages"].get(s, 0.0) for r in rows]) for s in stages},
+           "client_ms_all": [round(r["client_ms"], 1) for r in rows],
            "rle_ints": median([r["rle_ints"] for r in rows])}
     if out["model_ms"]:
         out["overhead_share"] = out["overhead_ms"] / out["model_ms"]
@@ -284,14 +290,19 @@ def run(args) -> dict:
             urls = [media.add_upload(f"{size}-{i}.{fmt_.lower()}", encode(photo_like(w, h, i), fmt_))
                     for i in range(args.images)]
             for i, url in enumerate(urls):
-                order = list(servers)[i % len(servers):] + list(servers)[:i % len(servers)]
-                for name in order:
-                    base = servers[name].base
+                # the servers take turns request by request (in a rotating order), so that a burst of load on the
+                # machine falls on all of them
+                ids = {}
+                for name in rotated(list(servers), i):
                     task_id += 1
-                    rows[name]["cold"].append(predict(session, base, url, task_id, sentence(task_id, 0), args.pause))
-                    for k in range(args.warm):
-                        rows[name]["warm"].append(predict(session, base, url, task_id, sentence(task_id, k + 1),
-                                                          args.pause))
+                    ids[name] = task_id
+                    rows[name]["cold"].append(predict(session, servers[name].base, url, task_id,
+                                                      sentence(task_id, 0), args.pause))
+                for k in range(args.warm):
+                    for name in rotated(list(servers), i + k + 1):
+                        rows[name]["warm"].append(predict(session, servers[name].base, url, ids[name],
+                                                          sentence(ids[name], k + 1), args.pause))
+                for name in servers:
                     print(f"{size} image {i} {name}: cold {rows[name]['cold'][-1]['client_ms']:.0f} ms, warm "
                           f"{median([r['client_ms'] for r in rows[name]['warm'][-args.warm:]]):.0f} ms", flush=True)
             results[size] = {"format": fmt_, "variants": {name: {k: summarise(v) for k, v in r.items() if v}

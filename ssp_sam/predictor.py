@@ -4,7 +4,7 @@
 * Images are read with EXIF orientation and converted to RGB (``images.load_image``).
 * Image features (the SAM image embedding and the CLIP-Surgery tokens) are cached by image content in an LRU bounded
   in bytes; a rephrased sentence on the same image re-runs only the prompt path and the mask decoder.
-* Text features are cached by sentence (bounded by count).
+* Text features are cached by sentence (an LRU bounded in bytes, 32 MB by default).
 * ``predict_batch`` groups pairs by image, encodes missing images and sentences in batches, then decodes in batches.
 * Thread-safe: caches have a lock; the model runs under one lock (one accelerator slot per process). A picture
   whose features one thread is computing is waited for by the others, not computed twice (``prewarm``).
@@ -56,6 +56,17 @@ class _ImageFeatures:
     def nbytes(self) -> int:
         return self.embedding.element_size() * self.embedding.nelement() + \
             self.tokens.element_size() * self.tokens.nelement()
+
+
+@dataclass
+class _TextFeatures:
+    ids: torch.Tensor           # (L,) token ids
+    words: torch.Tensor         # (L, Ct) word tokens
+    sentence: torch.Tensor      # (C,) sentence embedding
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.nelement() for t in (self.ids, self.words, self.sentence))
 
 
 class _InFlight:
@@ -125,7 +136,7 @@ class SSPSAMPredictor:
     """Sentence -> mask at the original resolution, for one loaded model."""
 
     def __init__(self, loaded: LoadedModel, threshold: float = 0.0, cache_bytes: int = 512 * 2**20,
-                 text_cache_size: int = 4096) -> None:
+                 text_cache_bytes: int = 32 * 2**20) -> None:
         self.loaded = loaded
         self.model = loaded.model.eval()
         self.tokenizer = loaded.tokenizer
@@ -133,9 +144,9 @@ class SSPSAMPredictor:
         self.device = loaded.device
         self.threshold = float(threshold)
         self.image_cache = ByteLRU(cache_bytes)
-        self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._text_cache_size = text_cache_size
-        self._text_lock = threading.Lock()
+        # text features by sentence, bounded in bytes too: one sentence's word tokens are 77 x 512 floats (158 KB)
+        # for CLIP B/16, so a bound by count would let thousands of sentences take hundreds of MB
+        self.text_cache = ByteLRU(text_cache_bytes)
         self._model_lock = threading.Lock()
         self._inflight: dict[str, _InFlight] = {}
         self._inflight_lock = threading.Lock()
@@ -228,25 +239,24 @@ class SSPSAMPredictor:
                 for j, im in enumerate(images)]
 
     def _text_features(self, sentences: list[str]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        with self._text_lock:
-            missing = [s for s in dict.fromkeys(sentences) if s not in self._text_cache]
+        found: dict[str, _TextFeatures] = {}
+        missing = []
+        for s in dict.fromkeys(sentences):
+            f = self.text_cache.get(s)
+            if f is None:
+                missing.append(s)
+            else:
+                found[s] = f
         if missing:
             with stage("clip_text"):
                 ids = self.tokenizer(missing)
                 with torch.inference_mode(), self._autocast(), self._model_lock:
                     words, sent = self.model.encode_text(ids.to(self.device))
                     words, sent = words.float().cpu(), sent.float().cpu()
-            with self._text_lock:
-                for i, s in enumerate(missing):
-                    self._text_cache[s] = (ids[i], words[i], sent[i])
-                while len(self._text_cache) > self._text_cache_size:
-                    self._text_cache.popitem(last=False)
-        with self._text_lock:
-            out = []
-            for s in sentences:
-                self._text_cache.move_to_end(s)
-                out.append(self._text_cache[s])
-            return out
+            for i, s in enumerate(missing):     # clones: an entry must not keep the whole batch's storage alive
+                found[s] = _TextFeatures(ids[i].clone(), words[i].clone(), sent[i].clone())
+                self.text_cache.put(s, found[s])
+        return [(found[s].ids, found[s].words, found[s].sentence) for s in sentences]
 
     # -- prediction -----------------------------------------------------------------------------------------------
 
@@ -314,7 +324,7 @@ class SSPSAMPredictor:
                           frame_logits=frame_logits.cpu().numpy().astype(np.float32, copy=False))
 
     def cache_stats(self) -> dict[str, Any]:
-        return {"image_cache": self.image_cache.stats(), "text_cache_items": len(self._text_cache)}
+        return {"image_cache": self.image_cache.stats(), "text_cache": self.text_cache.stats()}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -104,6 +104,7 @@ def test_a_cached_picture_is_neither_decoded_nor_hashed_again(real, ls_media, mo
     monkeypatch.setattr("backend.labelstudio.media.file_digest", lambda p: hashed.append(p) or real_digest(p))
     img = ls_media("a.png", _png(1))
     first = client.post("/predict", json=_interactive(1, img, "the red circle"))
+    assert first.status_code == 200 and {"decode", "key", "sam_encoder"} <= set(_stages(first))
     assert len(decodes) == 1 and len(hashed) == 1 and pred.encodes == 1
     second = client.post("/predict", json=_interactive(1, img, "the blue square"))
     assert second.status_code == 200

@@ -251,3 +251,19 @@ def test_a_failed_computation_lets_the_waiter_compute_it():
     p = pred.predict(img, "the thing")
     t.join()
     assert errors and state["n"] == 2 and p.mask.shape == (30, 30)
+
+
+def test_text_cache_is_bounded_in_bytes():
+    pred = _predictor(text_cache_bytes=10_000)          # a tiny-model sentence is 77 x 32 floats + ids: ~10.5 KB
+    img = np.zeros((20, 20, 3), np.uint8)
+    first = pred.predict(img, "sentence 0")
+    for i in range(1, 6):
+        pred.predict(img, f"sentence {i}")
+        assert pred.text_cache.nbytes <= 10_000
+    assert len(pred.text_cache) == 0                    # each one is over the bound: none kept, all answered
+    roomy = _predictor(text_cache_bytes=50_000)
+    for i in range(10):
+        roomy.predict(img, f"sentence {i}")
+        assert roomy.text_cache.nbytes <= 50_000
+    assert 0 < len(roomy.text_cache) < 10 and roomy.text_cache.evictions > 0
+    np.testing.assert_allclose(roomy.predict(img, "sentence 0").frame_logits, first.frame_logits, atol=1e-6)
