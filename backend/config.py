@@ -158,6 +158,9 @@ class BackendConfig:
     embedding_cache_mb: int = 512                 # EMBEDDING_CACHE_MB
     predict_batch_size: int = 8                   # PREDICT_BATCH_SIZE (tasks per predict_batch call)
     preload_model: bool = False                   # PRELOAD_MODEL (load in each worker right after it starts)
+    sdpa: bool = True                             # SDPA (fused scaled_dot_product_attention in the encoders)
+    torch_compile: bool = False                   # TORCH_COMPILE (torch.compile the image encoders at load)
+    server_timing: bool = False                   # SERVER_TIMING (Server-Timing header with /predict's stages)
     reload_interval_s: float = 2.0                # RELOAD_INTERVAL_S (how often the version pointer is checked)
     # --- prompts ---
     prompt_fields: tuple = DEFAULT_PROMPT_FIELDS  # PROMPT_FIELDS (comma-separated task data keys)
@@ -228,6 +231,9 @@ class BackendConfig:
             embedding_cache_mb=_int(env, "EMBEDDING_CACHE_MB", 512, minimum=0),
             predict_batch_size=_int(env, "PREDICT_BATCH_SIZE", 8, minimum=1),
             preload_model=_bool(env, "PRELOAD_MODEL", False),
+            sdpa=_bool(env, "SDPA", True),
+            torch_compile=_bool(env, "TORCH_COMPILE", False),
+            server_timing=_bool(env, "SERVER_TIMING", False),
             reload_interval_s=_float(env, "RELOAD_INTERVAL_S", 2.0, minimum=0.0),
             prompt_fields=prompt_fields,
             media_cache_dir=_get(env, "MEDIA_CACHE_DIR"),

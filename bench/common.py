@@ -58,6 +58,14 @@ def portable(value: Any) -> Any:
     return value
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (``timeout``, a CI job's end) into SystemExit, so that ``finally`` blocks and ``with`` blocks run
+    and the servers a benchmark started are stopped with it."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def provenance() -> dict:
     """The machine, the date and the command of this run."""
     return {"machine": machine(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

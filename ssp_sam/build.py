@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from transformers import CLIPConfig
 
+from .modeling.attention import use_sdpa
 from .modeling.clip_surgery import CLIPSurgery
 from .options import opt
 from .modeling.ssp_sam import SSPSAM
@@ -237,6 +239,10 @@ class ModelConfig:
                                         "stand in for the checkpoints not given, and its variant for the default")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = opt("auto", "auto, fp32, bf16 or fp16 (autocast on CUDA; the CPU runs fp32)")
+    sdpa: bool = opt(True, "fused attention (scaled_dot_product_attention) in the SAM and CLIP encoders; false: "
+                           "the eager reference attention")
+    compile: bool = opt(False, "torch.compile the image encoders when loading (falls back to eager with a warning "
+                               "when compiling fails)")
     strict: bool = True                 # fail when a trained SSP-SAM part is missing from the checkpoint
     with_image_encoder: bool = True
     version: str | None = None          # the model_version to report; default <variant>-<sha8 of checkpoint>
@@ -252,6 +258,67 @@ class LoadedModel:
     dtype: torch.dtype                  # autocast dtype (float32 = no autocast)
     report: Any = None
     meta: dict = field(default_factory=dict)
+
+
+class _CompiledOrEager:
+    """A compiled function that falls back to its eager original, for good, the first time it raises (compiling
+    happens on a call: at load for the example input, again for a new input shape)."""
+
+    def __init__(self, name: str, eager, compiled) -> None:
+        self.name, self.eager, self.compiled = name, eager, compiled
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as exc:
+                log.warning("torch.compile of the %s failed (%s: %s); running it eagerly", self.name,
+                            type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+                self.compiled = None
+        return self.eager(*args, **kwargs)
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype):
+    """The autocast context a model runs under: ``dtype`` on CUDA, none for float32 or on the CPU."""
+    from contextlib import nullcontext
+
+    if device.type == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return nullcontext()
+
+
+def compile_encoders(model: SSPSAM, device: torch.device | None = None, dtype: torch.dtype = torch.float32,
+                     backend: Any = "inductor", warm_up: bool = True) -> dict[str, bool]:
+    """``torch.compile`` the SAM image encoder and the CLIP-Surgery image tower (the cold path's time), in place.
+
+    With ``warm_up`` each is compiled now on a one-image example under the autocast it will run with, so that the
+    first request does not pay for it and a failure shows at load: the encoder then stays eager and a warning says
+    why. Returns {encoder: compiled}."""
+    device = device or next(model.parameters()).device
+    spec = model.spec
+    targets = [("CLIP image tower", model.clip, "encode_image",
+                lambda: torch.zeros(1, 3, spec.clip_image_size, spec.clip_image_size, device=device))]
+    if model.sam.image_encoder is not None:
+        targets.insert(0, ("SAM image encoder", model.sam.image_encoder, "forward",
+                           lambda: torch.zeros(1, 3, spec.sam_image_size, spec.sam_image_size, device=device)))
+    done = {}
+    for name, owner, attr, example in targets:
+        eager = getattr(owner, attr)
+        try:
+            wrapped = _CompiledOrEager(name, eager, torch.compile(eager, backend=backend, dynamic=False))
+        except Exception as exc:                     # e.g. torch.compile unsupported on this platform
+            log.warning("torch.compile of the %s failed (%s: %s); running it eagerly", name, type(exc).__name__, exc)
+            done[name] = False
+            continue
+        setattr(owner, attr, wrapped)                # an instance attribute: the module's weights are untouched
+        if warm_up:
+            t0 = time.perf_counter()
+            with torch.inference_mode(), autocast_for(device, dtype):
+                wrapped(example())
+            log.info("%s %s in %.1f s", name, "compiled" if wrapped.compiled is not None else "left eager",
+                     time.perf_counter() - t0)
+        done[name] = wrapped.compiled is not None
+    return done
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -313,6 +380,9 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     model.to(device).eval()
+    use_sdpa(model, cfg.sdpa)
+    if cfg.compile:
+        compile_encoders(model, device=device, dtype=dtype)
     version = cfg.version or weights_version(cfg.variant, checkpoint)
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, version=version, device=device, dtype=dtype,
                        report=report, meta=meta)

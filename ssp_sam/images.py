@@ -7,9 +7,12 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from .timing import stage
 
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")   # Pillow's modes of 16-bit grayscale files
@@ -74,6 +77,61 @@ def image_digest(image: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Content key of a picture file: ``file:`` + the SHA-1 of its bytes (decoding is deterministic, so equal bytes
+    mean equal pixels). Cheaper than :func:`image_digest` of the decoded pixels, and known without decoding."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return "file:" + h.hexdigest()
+
+
+class ImageRef:
+    """A picture known by its content key and its size as displayed (EXIF applied), decoded only when its pixels
+    are needed: the predictor looks the key up in its embedding cache first, so a picture whose features are cached
+    is never decoded.
+
+    ``loader`` returns the RGB uint8 pixels (``load_image``'s contract); they are kept once decoded, for the life of
+    this object (one request). ``shape`` is ``(H, W, 3)`` like the array it stands for.
+    """
+
+    __slots__ = ("key", "hw", "_loader", "_pixels")
+
+    def __init__(self, key: str, hw: tuple[int, int], loader: Optional[Callable[[], np.ndarray]] = None,
+                 pixels: Optional[np.ndarray] = None) -> None:
+        if loader is None and pixels is None:
+            raise ValueError("an ImageRef needs a loader or its pixels")
+        self.key = key
+        self.hw = (int(hw[0]), int(hw[1]))
+        self._loader = loader
+        self._pixels = pixels
+
+    @classmethod
+    def of(cls, image: np.ndarray) -> "ImageRef":
+        """An RGB uint8 array, keyed by :func:`image_digest` of its pixels."""
+        with stage("key"):
+            return cls(image_digest(image), image.shape[:2], pixels=image)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (*self.hw, 3)
+
+    @property
+    def decoded(self) -> bool:
+        return self._pixels is not None
+
+    def pixels(self) -> np.ndarray:
+        if self._pixels is None:
+            with stage("decode"):
+                pixels = self._loader()
+            if tuple(pixels.shape[:2]) != self.hw:
+                raise ValueError(f"the picture decoded to {pixels.shape[1]}x{pixels.shape[0]}, its header says "
+                                 f"{self.hw[1]}x{self.hw[0]}")
+            self._pixels = pixels
+        return self._pixels
+
+
 def _to_uint8(arr: np.ndarray, white: int | None = None) -> np.ndarray:
     """Values -> uint8. ``white``: the value shown as 255 (65535 for 16-bit pictures; uint16/int16 arrays always);
     otherwise floats in [0, 1] are scaled by 255, and wider values by 65535 (or their maximum) only when some exceed
@@ -108,4 +166,4 @@ def _array_to_rgb(arr: np.ndarray, white: int | None = None) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-__all__ = ["ImageTooLarge", "check_pixels", "load_image", "image_size", "image_digest"]
+__all__ = ["ImageTooLarge", "check_pixels", "load_image", "image_size", "image_digest", "file_digest", "ImageRef"]

@@ -97,7 +97,8 @@ def overrides_from_args(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
 
 
-MODEL_OPTIONS = ("variant", "checkpoint", "sam_checkpoint", "clip_checkpoint", "weights_dir", "device", "dtype")
+MODEL_OPTIONS = ("variant", "checkpoint", "sam_checkpoint", "clip_checkpoint", "weights_dir", "device", "dtype",
+                 "sdpa", "compile")
 
 
 def add_model_args(parser: argparse.ArgumentParser, defaults: Any = None, *,

@@ -4,9 +4,13 @@
 * Images are read with EXIF orientation and converted to RGB (``images.load_image``).
 * Image features (the SAM image embedding and the CLIP-Surgery tokens) are cached by image content in an LRU bounded
   in bytes; a rephrased sentence on the same image re-runs only the prompt path and the mask decoder.
-* Text features are cached by sentence (bounded by count).
+* Text features are cached by sentence (an LRU bounded in bytes, 32 MB by default).
 * ``predict_batch`` groups pairs by image, encodes missing images and sentences in batches, then decodes in batches.
-* Thread-safe: caches have a lock; the model runs under one lock (one accelerator slot per process).
+* Thread-safe: caches have a lock; the model runs under one lock (one accelerator slot per process). A picture
+  whose features one thread is computing is waited for by the others, not computed twice (``prewarm``).
+* Images may come as ``ImageRef`` (content key + size + a loader): when the key is cached the picture is never
+  decoded. Each step is a ``ssp_sam.timing`` stage (decode, key, preprocess, sam_encoder, clip_vision, clip_text,
+  decoder, upsample).
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -24,9 +27,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from .build import LoadedModel, load_model
-from .images import image_digest, load_image
+from .build import LoadedModel, autocast_for, load_model
+from .images import ImageRef, load_image
 from .options import add_model_args, model_config_from_args
+from .timing import stage
 from .transforms import ClipMeta, box_from_clip_frame, clip_input, frame_to_original, sam_input
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,25 @@ class _ImageFeatures:
             self.tokens.element_size() * self.tokens.nelement()
 
 
+@dataclass
+class _TextFeatures:
+    ids: torch.Tensor           # (L,) token ids
+    words: torch.Tensor         # (L, Ct) word tokens
+    sentence: torch.Tensor      # (C,) sentence embedding
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.nelement() for t in (self.ids, self.words, self.sentence))
+
+
+class _InFlight:
+    """An image whose features one thread is computing; the others wait for it instead of computing them again."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.features: _ImageFeatures | None = None
+
+
 class ByteLRU:
     """A thread-safe LRU bounded by the sum of its values' ``nbytes``; never grows past the bound."""
 
@@ -72,6 +95,11 @@ class ByteLRU:
                 return self._items[key]
             self.misses += 1
             return None
+
+    def __contains__(self, key) -> bool:
+        """Whether ``key`` is cached, without counting a hit or a miss and without refreshing it."""
+        with self._lock:
+            return key in self._items
 
     def put(self, key, value) -> None:
         size = value.nbytes
@@ -108,7 +136,7 @@ class SSPSAMPredictor:
     """Sentence -> mask at the original resolution, for one loaded model."""
 
     def __init__(self, loaded: LoadedModel, threshold: float = 0.0, cache_bytes: int = 512 * 2**20,
-                 text_cache_size: int = 4096) -> None:
+                 text_cache_bytes: int = 32 * 2**20) -> None:
         self.loaded = loaded
         self.model = loaded.model.eval()
         self.tokenizer = loaded.tokenizer
@@ -116,116 +144,187 @@ class SSPSAMPredictor:
         self.device = loaded.device
         self.threshold = float(threshold)
         self.image_cache = ByteLRU(cache_bytes)
-        self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._text_cache_size = text_cache_size
-        self._text_lock = threading.Lock()
+        # text features by sentence, bounded in bytes too: one sentence's word tokens are 77 x 512 floats (158 KB)
+        # for CLIP B/16, so a bound by count would let thousands of sentences take hundreds of MB
+        self.text_cache = ByteLRU(text_cache_bytes)
         self._model_lock = threading.Lock()
+        self._inflight: dict[str, _InFlight] = {}
+        self._inflight_lock = threading.Lock()
 
     @property
     def version(self) -> str:
         return self.loaded.version
 
     def _autocast(self):
-        if self.device.type == "cuda" and self.loaded.dtype != torch.float32:
-            return torch.autocast("cuda", dtype=self.loaded.dtype)
-        return nullcontext()
+        return autocast_for(self.device, self.loaded.dtype)
 
     # -- features -------------------------------------------------------------------------------------------------
 
-    def _image_features(self, images: list[np.ndarray], batch_size: int) -> list[_ImageFeatures]:
-        keys = [image_digest(im) for im in images]
+    def has_image(self, key: str) -> bool:
+        """Whether the features of the picture with this content key (``ImageRef.key``) are cached or being
+        computed: then predicting on it needs no pixels."""
+        with self._inflight_lock:
+            if key in self._inflight:
+                return True
+        return key in self.image_cache
+
+    def prewarm(self, image) -> bool:
+        """Compute and cache the image features of one picture (array, ``ImageRef``, path, bytes) ahead of its first
+        sentence. Returns False when they were cached already."""
+        ref = self._ref(image)
+        if self.has_image(ref.key):
+            return False
+        self._image_features([ref], 1)
+        return True
+
+    def _image_features(self, refs: list[ImageRef], batch_size: int) -> list[_ImageFeatures]:
         found: dict[str, _ImageFeatures] = {}
-        todo: list[int] = []
-        for i, k in enumerate(keys):
+        mine: dict[str, int] = {}                     # key -> index of the ref this call computes it from
+        waits: dict[str, _InFlight] = {}
+        for i, ref in enumerate(refs):
+            k = ref.key
+            if k in found or k in mine or k in waits:
+                continue
             f = self.image_cache.get(k)
-            if f is None and k not in {keys[j] for j in todo}:
-                todo.append(i)
-            elif f is not None:
+            if f is not None:
                 found[k] = f
-        for start in range(0, len(todo), batch_size):
-            idx = todo[start:start + batch_size]
-            sam = torch.stack([sam_input(images[i], self.spec.sam_image_size) for i in idx]).to(self.device)
-            clips, metas = zip(*(clip_input(images[i], self.spec.clip_image_size, "center") for i in idx))
-            with torch.inference_mode(), self._autocast(), self._model_lock:
+                continue
+            with self._inflight_lock:                 # another thread computing it: wait for that one
+                other = self._inflight.get(k)
+                if other is None:
+                    self._inflight[k] = _InFlight()
+                    mine[k] = i
+                else:
+                    waits[k] = other
+        try:
+            todo = list(mine.values())
+            for start in range(0, len(todo), batch_size):
+                idx = todo[start:start + batch_size]
+                for feats, i in zip(self._encode_images([refs[i] for i in idx]), idx):
+                    k = refs[i].key
+                    self.image_cache.put(k, feats)
+                    found[k] = feats
+                    self._finish_inflight(k, feats)
+        finally:
+            for k in mine:                            # a failure: waiters compute it themselves
+                self._finish_inflight(k, None)
+        for k, other in waits.items():
+            other.done.wait()
+            if other.features is not None:
+                found[k] = other.features
+            else:
+                found[k] = self._encode_images([next(r for r in refs if r.key == k)])[0]
+                self.image_cache.put(k, found[k])
+        return [found[r.key] for r in refs]
+
+    def _finish_inflight(self, key: str, feats: _ImageFeatures | None) -> None:
+        with self._inflight_lock:
+            entry = self._inflight.pop(key, None)
+        if entry is not None:
+            entry.features = feats
+            entry.done.set()
+
+    def _encode_images(self, refs: list[ImageRef]) -> list[_ImageFeatures]:
+        images = [r.pixels() for r in refs]
+        with stage("preprocess"):
+            sam = torch.stack([sam_input(im, self.spec.sam_image_size) for im in images]).to(self.device)
+            clips, metas = zip(*(clip_input(im, self.spec.clip_image_size, "center") for im in images))
+            clips = torch.stack(clips).to(self.device)
+        with torch.inference_mode(), self._autocast(), self._model_lock:
+            with stage("sam_encoder"):
                 emb = self.model.encode_image(sam).float().cpu()
-                tok = self.model.encode_clip_image(torch.stack(clips).to(self.device)).float().cpu()
-            for j, i in enumerate(idx):
-                feats = _ImageFeatures(emb[j].clone(), tok[j].clone(), metas[j], tuple(images[i].shape[:2]))
-                self.image_cache.put(keys[i], feats)
-                found[keys[i]] = feats
-        return [found[k] for k in keys]
+            with stage("clip_vision"):
+                tok = self.model.encode_clip_image(clips).float().cpu()
+        return [_ImageFeatures(emb[j].clone(), tok[j].clone(), metas[j], tuple(im.shape[:2]))
+                for j, im in enumerate(images)]
 
     def _text_features(self, sentences: list[str]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        with self._text_lock:
-            missing = [s for s in dict.fromkeys(sentences) if s not in self._text_cache]
+        found: dict[str, _TextFeatures] = {}
+        missing = []
+        for s in dict.fromkeys(sentences):
+            f = self.text_cache.get(s)
+            if f is None:
+                missing.append(s)
+            else:
+                found[s] = f
         if missing:
-            ids = self.tokenizer(missing)
-            with torch.inference_mode(), self._autocast(), self._model_lock:
-                words, sent = self.model.encode_text(ids.to(self.device))
-            with self._text_lock:
-                for i, s in enumerate(missing):
-                    self._text_cache[s] = (ids[i], words[i].float().cpu(), sent[i].float().cpu())
-                while len(self._text_cache) > self._text_cache_size:
-                    self._text_cache.popitem(last=False)
-        with self._text_lock:
-            out = []
-            for s in sentences:
-                self._text_cache.move_to_end(s)
-                out.append(self._text_cache[s])
-            return out
+            with stage("clip_text"):
+                ids = self.tokenizer(missing)
+                with torch.inference_mode(), self._autocast(), self._model_lock:
+                    words, sent = self.model.encode_text(ids.to(self.device))
+                    words, sent = words.float().cpu(), sent.float().cpu()
+            for i, s in enumerate(missing):     # clones: an entry must not keep the whole batch's storage alive
+                found[s] = _TextFeatures(ids[i].clone(), words[i].clone(), sent[i].clone())
+                self.text_cache.put(s, found[s])
+        return [(found[s].ids, found[s].words, found[s].sentence) for s in sentences]
 
     # -- prediction -----------------------------------------------------------------------------------------------
 
     def predict(self, image, sentence: str) -> Prediction:
-        """One image (array, PIL image, path or bytes) and one sentence -> ``Prediction``."""
+        """One image (array, ``ImageRef``, PIL image, path or bytes) and one sentence -> ``Prediction``."""
         return self.predict_batch([(image, sentence)])[0]
 
+    @staticmethod
+    def _ref(image) -> ImageRef:
+        if isinstance(image, ImageRef):
+            return image
+        if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
+                and image.shape[2] == 3):
+            with stage("decode"):
+                image = load_image(image)
+        return ImageRef.of(image)
+
     def predict_batch(self, pairs: Sequence[tuple[Any, str]], batch_size: int = 8) -> list[Prediction]:
-        """Many (image, sentence) pairs; images shared between pairs are encoded once."""
+        """Many (image, sentence) pairs; images shared between pairs are encoded once. An image is an RGB uint8
+        array, an ``ImageRef`` (decoded only when its features are not cached), or anything ``load_image`` reads."""
         if not pairs:
             return []
         t0 = time.perf_counter()
-        images = [im if isinstance(im, np.ndarray) and im.dtype == np.uint8 and im.ndim == 3 and im.shape[2] == 3
-                  else load_image(im) for im, _ in pairs]
+        refs = [self._ref(im) for im, _ in pairs]
         sentences = [str(s) for _, s in pairs]
-        feats = self._image_features(images, batch_size)
+        feats = self._image_features(refs, batch_size)
         texts = self._text_features(sentences)
         results: list[Prediction] = []
         for start in range(0, len(pairs), batch_size):
             f = feats[start:start + batch_size]
             t = texts[start:start + batch_size]
-            emb = torch.stack([x.embedding for x in f]).to(self.device)
-            tok = torch.stack([x.tokens for x in f]).to(self.device)
-            ids = torch.stack([x[0] for x in t]).to(self.device)
-            words = torch.stack([x[1] for x in t]).to(self.device)
-            sent = torch.stack([x[2] for x in t]).to(self.device)
-            with torch.inference_mode(), self._autocast(), self._model_lock:
-                out = self.model(emb, None, ids, image_tokens=tok, text_features=(words, sent))
-            logits = out.logits.float().cpu()[:, 0]
-            boxes = out.box.float().cpu()
-            for j, fe in enumerate(f):
-                results.append(self._finish(logits[j], boxes[j], fe))
+            with stage("decoder"):
+                emb = torch.stack([x.embedding for x in f]).to(self.device)
+                tok = torch.stack([x.tokens for x in f]).to(self.device)
+                ids = torch.stack([x[0] for x in t]).to(self.device)
+                words = torch.stack([x[1] for x in t]).to(self.device)
+                sent = torch.stack([x[2] for x in t]).to(self.device)
+                with torch.inference_mode(), self._autocast(), self._model_lock:
+                    out = self.model(emb, None, ids, image_tokens=tok, text_features=(words, sent))
+                boxes = out.box.float().cpu()          # the copy waits for the whole forward
+            with stage("upsample"), torch.inference_mode():
+                logits = out.logits.float()[:, 0]
+                for j, fe in enumerate(f):
+                    results.append(self._finish(logits[j], boxes[j], fe))
         log.debug("predicted %d pairs in %.3f s", len(pairs), time.perf_counter() - t0)
         return results
 
     def _finish(self, frame_logits: torch.Tensor, box: torch.Tensor, fe: _ImageFeatures) -> Prediction:
+        """Logits in the padded frame (on the model's device) -> the mask at the original size. The upsampling and
+        the threshold run where the logits are; only the boolean mask and the small frame come back to the host."""
         positive = frame_logits > self.threshold
-        no_target = float(positive.sum()) < self.spec.no_target_min_pixels
+        n_positive = int(positive.sum())
+        no_target = n_positive < self.spec.no_target_min_pixels
         box_xyxy = box_from_clip_frame(box.tolist(), fe.meta, fe.hw)
         if no_target:
             mask = np.zeros(fe.hw, dtype=bool)
             score = 0.0
         else:
             full = frame_to_original(frame_logits, fe.hw, self.spec.sam_image_size)
-            mask = (full > self.threshold).numpy()
+            mask = (full > self.threshold).cpu().numpy()
             score = float(torch.sigmoid(frame_logits[positive]).mean())
             if not mask.any():  # a tiny object lost in the resize back: report it as no target
                 no_target, score = True, 0.0
         return Prediction(mask=mask, score=score, box_xyxy=box_xyxy, no_target=no_target,
-                          frame_logits=frame_logits.numpy().astype(np.float32))
+                          frame_logits=frame_logits.cpu().numpy().astype(np.float32, copy=False))
 
     def cache_stats(self) -> dict[str, Any]:
-        return {"image_cache": self.image_cache.stats(), "text_cache_items": len(self._text_cache)}
+        return {"image_cache": self.image_cache.stats(), "text_cache": self.text_cache.stats()}
 
 
 # ----------------------------------------------------------------------------------------------------------------

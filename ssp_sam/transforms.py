@@ -111,6 +111,8 @@ def frame_to_original(frame_logits: torch.Tensor, hw: tuple[int, int], sam_size:
     nh, nw = resized_hw(h, w, sam_size)
     x = frame_logits.float()[None, None]
     x = F.interpolate(x, (sam_size, sam_size), mode="bilinear", align_corners=False)[..., :nh, :nw]
+    if (nh, nw) == (h, w):      # a picture already at the SAM size: the second resize would be the identity
+        return x[0, 0]
     return F.interpolate(x, (h, w), mode="bilinear", align_corners=False)[0, 0]
 
 

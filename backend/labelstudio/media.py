@@ -46,7 +46,8 @@ from backend.labelstudio.download import (AddressPolicy, Deadline, DownloadError
                                           GuardedSession)
 from backend.labelstudio.protocol import url_origin
 from backend.logs import OneLineMessages, loggable
-from ssp_sam.images import ImageTooLarge, load_image
+from ssp_sam.images import ImageRef, ImageTooLarge, file_digest, load_image
+from ssp_sam.timing import stage
 from ssp_sam.io import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ class MediaFetcher:
     Interface used by the app and by ``backend.learning.corrections.CorrectionWorker``:
       ``fetch(url, task_id=None, project_id=None) -> str``           local path of the file
       ``load_image(url, task_id=None, project_id=None) -> np.ndarray``  (H, W, 3) uint8, EXIF-transposed
+      ``open_image(url, task_id=None, project_id=None) -> ImageRef``    content key and size; decoded on demand
       ``set_connection(hostname, access_token, project_id=None)``    host/token from LS's /setup
       ``stats() -> dict``                                            hits, misses, errors, cache bytes
     """
@@ -131,6 +133,7 @@ class MediaFetcher:
         self._addresses = AddressPolicy(allow_private=config.media_allow_private_networks)
         self.max_download_bytes = int(config.max_download_mb) * 2**20
         self._known: dict = {}               # cached path -> (size, mtime_ns) when last served
+        self._identities: dict = {}          # path -> (content key, (h, w)) while the file is unchanged
         self._setup_conn: dict = {}          # project_id -> (hostname, token); None key = last /setup
         self._counters = {"hits": 0, "misses": 0, "errors": 0, "evicted_files": 0}
         os.makedirs(self.cache_dir, exist_ok=True)
@@ -242,10 +245,37 @@ class MediaFetcher:
         with Deadline(self.config.media_timeout_s) as deadline:
             return self._fetch(url, task_id, project_id, deadline, "the media")
 
+    def open_image(self, url: str, task_id=None, project_id=None) -> ImageRef:
+        """The task's picture as an ``ImageRef``: its content key (``file_digest`` of the file) and its size, known
+        without decoding once this process has seen the file (remembered while the file is unchanged), so that a
+        picture whose features the predictor has cached is never decoded; ``ref.pixels()`` decodes it then. A file
+        seen for the first time is decoded here (the key needs the file, the size its pixels: a PNG's orientation
+        can only be read after its pixels), with the checks of :meth:`load_image`."""
+        with Deadline(self.config.media_timeout_s) as deadline:
+            with stage("fetch"):
+                path = self._fetch(url, task_id, project_id, deadline, "the image")
+        with self._lock:
+            identity = self._identities.get(path)
+        if identity is not None:
+            return ImageRef(identity[0], identity[1], loader=lambda: self._load_image(url, task_id, project_id, path))
+        with stage("decode"):
+            pixels = self._load_image(url, task_id, project_id, path)
+        with stage("key"):
+            key = file_digest(path)          # after decoding: a truncated file was replaced by then
+        with self._lock:
+            self._identities[path] = (key, pixels.shape[:2])
+        return ImageRef(key, pixels.shape[:2], loader=lambda: pixels, pixels=pixels)
+
     def load_image(self, url: str, task_id=None, project_id=None) -> np.ndarray:
+        return self._load_image(url, task_id, project_id, None)
+
+    def _load_image(self, url: str, task_id, project_id, fetched: Optional[str]) -> np.ndarray:
+        """Decode the picture (``fetched``: its path, already fetched); a cached file that does not decode is dropped
+        and downloaded once more."""
         with Deadline(self.config.media_timeout_s) as deadline:     # one deadline for both attempts
             for attempt in (0, 1):
-                path = self._fetch(url, task_id, project_id, deadline, "the image")
+                path = fetched if attempt == 0 and fetched else self._fetch(url, task_id, project_id, deadline,
+                                                                            "the image")
                 try:
                     return load_image(path, max_pixels=self.config.max_image_pixels)
                 except ImageTooLarge as exc:
@@ -282,6 +312,9 @@ class MediaFetcher:
             raise MediaError(f"media file not found after download: {self._safe_url(url)}")
         new = not self._is_known(path)
         self._count("misses" if new else "hits")
+        if new:
+            with self._lock:
+                self._identities.pop(path, None)     # a new or changed file: identify it again
         self._touch(path)
         if new:
             self._evict()
@@ -312,6 +345,7 @@ class MediaFetcher:
             pass
         with self._lock:
             self._known.pop(path, None)
+            self._identities.pop(path, None)
 
     # ------------------------------------------------------------------ local files
     def _resolve_local_file(self, relative_path: str) -> Optional[str]:
@@ -377,6 +411,7 @@ class MediaFetcher:
                     self._count("evicted_files")
                     with self._lock:
                         self._known.pop(path, None)
+                        self._identities.pop(path, None)
                 except OSError:
                     pass
 

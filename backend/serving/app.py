@@ -13,6 +13,7 @@ strictly (:mod:`backend.serving.json_body`), ids checked with ``protocol.as_int`
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 import json
 import logging
@@ -22,7 +23,7 @@ import time
 import uuid
 from typing import Any, Callable, Optional
 
-from flask import Flask, current_app, g, jsonify, request
+from flask import Flask, current_app, g, has_request_context, jsonify, request
 from flask.testing import FlaskClient
 from werkzeug.exceptions import HTTPException
 
@@ -34,10 +35,12 @@ from backend.labelstudio.protocol import CORRECTION_ACTIONS, as_int, describe_va
 from backend.labelstudio.webhooks import InvalidWebhook, validate_webhook
 from backend.learning import versions
 from backend.serving.guard import RequestGuard
-from backend.serving.json_body import BadJson, parse_json_object
+from backend.serving.json_body import BadJson, FastJSONProvider, parse_json_object
 from backend.serving.metrics import ServingMetrics
 from backend.serving.model import ModelUnavailable, SSPSAMBackend
 from backend.serving.model_manager import ModelManager
+from backend.serving.prewarm import Prewarmer
+from ssp_sam.timing import collect, stage
 
 logger = logging.getLogger("backend.serving.app")
 
@@ -73,6 +76,7 @@ class Runtime:
         self._worker = None
         self._worker_pid = None
         self.guard: Optional[RequestGuard] = None     # set by create_app: admission counts for /metrics
+        self.prewarmer = Prewarmer(manager, media, self.metrics.inc)
 
     # ------------------------------------------------------------------ datastore
     def store(self):
@@ -110,14 +114,26 @@ class Runtime:
         return store
 
     def record_prediction(self, project_id, task_id, sentence, model_version, mask, score) -> None:
-        """Best effort: a datastore failure never fails a prediction."""
-        try:
-            store = self.store()
-            if store is not None:
-                store.record_prediction(project_id, task_id, sentence, model_version, mask, score)
-        except Exception as exc:
-            self.metrics.inc("record_prediction_errors")
-            logger.warning("record_prediction failed for task %s: %s: %s", task_id, type(exc).__name__, exc)
+        """Remember a predicted mask in the datastore. Best effort: a datastore failure never fails a prediction.
+        Inside a request the write waits until the response has been sent (``_after_request``): the client does not
+        wait for the mask's PNG encoding and the datastore's commit (a stage of its own in /metrics, ``record``)."""
+        args = (project_id, task_id, sentence, model_version, mask, score)
+        if has_request_context():
+            g.setdefault("deferred_records", []).append(args)
+        else:
+            self.write_records([args])
+
+    def write_records(self, records: list) -> None:
+        t0 = time.perf_counter()
+        for project_id, task_id, sentence, model_version, mask, score in records:
+            try:
+                store = self.store()
+                if store is not None:
+                    store.record_prediction(project_id, task_id, sentence, model_version, mask, score)
+            except Exception as exc:
+                self.metrics.inc("record_prediction_errors")
+                logger.warning("record_prediction failed for task %s: %s: %s", task_id, type(exc).__name__, exc)
+        self.metrics.observe_stages({"record": time.perf_counter() - t0})
 
     # ------------------------------------------------------------------ correction worker
     def ensure_worker(self) -> None:
@@ -144,8 +160,13 @@ class Runtime:
         if self._worker is not None:
             self._worker.notify()
 
+    def prewarm(self, url: str, task_id=None, project_id=None) -> bool:
+        """Queue a task's picture for its embedding to be computed in the background (``prewarm.Prewarmer``)."""
+        return self.prewarmer.submit(url, task_id=task_id, project_id=project_id)
+
     def stop(self) -> None:
         self.manager.stop()
+        self.prewarmer.stop()
         worker, self._worker = self._worker, None
         if worker is not None:
             try:
@@ -188,6 +209,7 @@ def create_app(config: Optional[BackendConfig] = None, *, predictor_factory=None
 
     app = Flask("backend")
     app.config["MAX_CONTENT_LENGTH"] = config.max_request_body_bytes     # the guard enforces it on the bytes read
+    app.json = FastJSONProvider(app)
     app.json.sort_keys = False
     app.test_client_class = BufferedClient
     rt.guard = RequestGuard(app.wsgi_app, max_in_flight=config.max_in_flight,
@@ -246,8 +268,17 @@ def _before_request():
 def _after_request(resp):
     seconds = time.perf_counter() - g.get("t0", time.perf_counter())
     endpoint = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
-    _rt().metrics.observe_request(endpoint, resp.status_code, seconds)
+    rt = _rt()
+    rt.metrics.observe_request(endpoint, resp.status_code, seconds)
     resp.headers["X-Request-Id"] = g.get("request_id", "")
+    records = g.pop("deferred_records", None)
+    if records:                                   # written once the response has been sent
+        resp.call_on_close(functools.partial(rt.write_records, records))
+    timer = g.get("stage_timer")
+    if timer is not None:
+        if rt.config.server_timing:
+            resp.headers["Server-Timing"] = timer.server_timing(total=seconds)
+        logger.debug("predict stages (request %s): %s", g.get("request_id"), timer.server_timing(total=seconds))
     level = logging.INFO if endpoint not in ("/", "/health", "/metrics") else logging.DEBUG
     logger.log(level, "%s %s -> %d in %.3f s", request.method, request.path, resp.status_code, seconds)
     return resp
@@ -303,13 +334,25 @@ def predict():
     if not tasks:
         return jsonify({"results": [], "model_version": rt.model_version()})
     model = SSPSAMBackend(rt, project_id=project_id, label_config=label_config)
-    try:
-        body = model.predict(tasks, context=context).to_json()
-    except ModelUnavailable as exc:
-        raise ApiError(503, str(exc))
+    with collect() as timer:                       # stage spans of this request (ssp_sam.timing)
+        try:
+            body = model.predict(tasks, context=context).to_json()
+        except ModelUnavailable as exc:
+            raise ApiError(503, str(exc))
+        with stage("json"):
+            response = jsonify(body)
+    _report_stages(rt, timer)
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("predict response: %s", json.dumps(redact_rle(body))[:4000])
-    return jsonify(body)
+    return response
+
+
+def _report_stages(rt: Runtime, timer) -> None:
+    """Stage times of this /predict into /metrics; into a ``Server-Timing`` header with SERVER_TIMING=true (the
+    header is added in ``_after_request``, where the total is known); into the log at DEBUG."""
+    rt.metrics.observe_stages(timer.seconds)
+    if rt.config.server_timing or logger.isEnabledFor(logging.DEBUG):
+        g.stage_timer = timer
 
 
 def webhook():

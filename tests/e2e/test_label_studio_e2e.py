@@ -381,3 +381,48 @@ def test_media_with_personal_access_token(servers, tmp_path):
     cfg = BackendConfig.from_env({"MODEL_DIR": str(tmp_path), "LABEL_STUDIO_URL": ls, "LABEL_STUDIO_API_KEY": pat})
     got = MediaFetcher(cfg).load_image(url)
     assert got.shape == (21, 34, 3) and np.array_equal(got, img)
+
+
+def test_prewarm_and_task_open_through_label_studio(servers):
+    """What Label Studio 1.23.2 sends around a task before any sentence, and what the backend does with it.
+
+    * An interactive call whose context has no sentence (the editor sends one when a region of a smart control is
+      finished, e.g. a brush stroke with Auto-Annotation on; an empty TextArea sends nothing): LS passes the context
+      through to ``/predict``; the backend answers at once with an empty result and a message, which LS hands to the
+      editor, and computes the image's embedding in the background (``prewarm_computed``).
+    * Opening a task with "use predictions to prelabel" on (``evaluate_predictions_automatically``) and no prediction
+      yet: LS calls ``/predict`` itself, non-interactive, and stores the answer.
+    """
+    ls, be = servers["ls"], servers["backend"]
+    legacy = {"Authorization": f"Token {TOKEN}"}
+
+    def call(method, path, **kw):
+        r = requests.request(method, ls + path, headers=legacy, timeout=120, **kw)
+        assert r.status_code in (200, 201), f"{method} {path} -> {r.status_code}: {r.text[:300]}"
+        return r.json()
+
+    pid = call("POST", "/api/projects", json={"title": "prewarm", "label_config": LABEL_CONFIG})["id"]
+    image, _, _ = _scenes(1)[0]
+    call("POST", f"/api/projects/{pid}/import", files={"file": ("prewarm.png", _png(image), "image/png")})
+    (tid,) = [t["id"] for t in call("GET", f"/api/tasks?project={pid}")["tasks"]]
+    ml_id = call("POST", "/api/ml", json={"url": be, "project": pid, "title": "ssp-sam", "is_interactive": True})["id"]
+    before = _metrics(be).get("prewarm_computed", 0)
+    h, w = image.shape[:2]
+    stroke = np.zeros((h, w), bool)
+    stroke[h // 2 - 2:h // 2 + 2, w // 4:w // 2] = True
+    drawn = {"id": "stroke1", "from_name": "tag", "to_name": "image", "type": "brushlabels", "origin": "manual",
+             "original_width": w, "original_height": h, "image_rotation": 0,
+             "value": {"format": "rle", "rle": mask_to_brush_rle(stroke), "brushlabels": ["object"]}}
+    inter = call("POST", f"/api/ml/{ml_id}/interactive-annotating", json={"task": tid, "context": {"result": [drawn]}})
+    data = inter.get("data") or {}
+    assert data.get("result") == [] and "type a sentence" in data.get("message", ""), inter
+    deadline = time.monotonic() + 60
+    while _metrics(be).get("prewarm_computed", 0) <= before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _metrics(be).get("prewarm_computed", 0) == before + 1
+    assert call("GET", f"/api/predictions?task={tid}") == []           # interactive answers are never stored
+
+    call("PATCH", f"/api/projects/{pid}", json={"evaluate_predictions_automatically": True})
+    call("GET", f"/api/tasks/{tid}")                                    # the editor opens the task
+    stored = call("GET", f"/api/predictions?task={tid}")
+    assert len(stored) == 1 and stored[0]["model_version"], stored     # LS called /predict when the task opened

@@ -44,17 +44,19 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(tmp_path: Path, **env: str):
+def running_server(tmp_path: Path, root: Path = ROOT, **env: str):
     """Start ``ssp-sam serve`` with the given environment on top of a clean one; yield a :class:`Server` once
-    ``/health`` answers."""
+    ``/health`` answers. ``root``: the checkout whose code is served (benchmarks compare two versions)."""
     port = free_port()
     full = {k: v for k, v in os.environ.items() if not k.startswith("LABEL_STUDIO")}
     full.update({"PORT": str(port), "HOST": "127.0.0.1", "WORKERS": "1", "MODEL_DIR": str(tmp_path / "md"),
                  "SSP_SAM_VARIANT": "tiny", "LOG_LEVEL": "INFO"})
+    if Path(root) != ROOT:
+        full["PYTHONPATH"] = str(root)
     full.update(env)
     log = tmp_path / f"serve-{port}.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve"], cwd=str(ROOT), env=full,
+        proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve"], cwd=str(root), env=full,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(port, proc, log)
     try:
