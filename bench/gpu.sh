@@ -41,7 +41,7 @@ else
   SERVER_ARGS=(--model ssp-sam-224 --sizes 1024x1024 4000x3000 --images 2 --warm 3 --pause 0.3)
   MEMORY_ARGS=(--model ssp-sam-224 --cache-mb 256 --fill 1.5 --size 320x240)
   PRELABEL_ARGS=(--model ssp-sam-224 --tasks 64 --batch-size 16 --size 1024x768)
-  LIMITS=(100 240 70 60)
+  LIMITS=(90 250 75 55)
   if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "bench/gpu.sh: torch sees no CUDA device (use --smoke on a CPU)" >&2
     exit 2

@@ -96,6 +96,11 @@ class ByteLRU:
             self.misses += 1
             return None
 
+    def peek(self, key):
+        """The value, or None, without counting a hit or a miss and without refreshing it."""
+        with self._lock:
+            return self._items.get(key)
+
     def __contains__(self, key) -> bool:
         """Whether ``key`` is cached, without counting a hit or a miss and without refreshing it."""
         with self._lock:
@@ -191,11 +196,13 @@ class SSPSAMPredictor:
                 continue
             with self._inflight_lock:                 # another thread computing it: wait for that one
                 other = self._inflight.get(k)
-                if other is None:
+                if other is not None:
+                    waits[k] = other
+                elif (f := self.image_cache.peek(k)) is not None:   # finished since the look-up (it is cached
+                    found[k] = f                                     # before it is no longer in flight)
+                else:
                     self._inflight[k] = _InFlight()
                     mine[k] = i
-                else:
-                    waits[k] = other
         try:
             todo = list(mine.values())
             for start in range(0, len(todo), batch_size):

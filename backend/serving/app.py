@@ -46,6 +46,7 @@ logger = logging.getLogger("backend.serving.app")
 
 WEBHOOK_SECRET_HEADER = "X-Webhook-Secret"
 STORE_RETRY_S = 15.0                     # after a failed datastore open, retry at most this often
+DEFERRED_MASKS_BYTES = 64 * 2**20        # masks one request may keep to record after its response (then inline)
 OPEN_ROUTES = {"/", "/health"}           # liveness: no auth (orchestrators, LS's 1 s health check)
 
 
@@ -116,12 +117,15 @@ class Runtime:
     def record_prediction(self, project_id, task_id, sentence, model_version, mask, score) -> None:
         """Remember a predicted mask in the datastore. Best effort: a datastore failure never fails a prediction.
         Inside a request the write waits until the response has been sent (``_after_request``): the client does not
-        wait for the mask's PNG encoding and the datastore's commit (a stage of its own in /metrics, ``record``)."""
+        wait for the mask's PNG encoding and the datastore's commit (a stage of its own in /metrics, ``record``).
+        A request keeps at most ``DEFERRED_MASKS_BYTES`` of masks for that (a large batch writes the rest at once)."""
         args = (project_id, task_id, sentence, model_version, mask, score)
         if has_request_context():
-            g.setdefault("deferred_records", []).append(args)
-        else:
-            self.write_records([args])
+            pending = g.setdefault("deferred_records", [])
+            if sum(r[4].nbytes for r in pending) + mask.nbytes <= DEFERRED_MASKS_BYTES:
+                pending.append(args)
+                return
+        self.write_records([args])
 
     def write_records(self, records: list) -> None:
         t0 = time.perf_counter()
@@ -219,6 +223,7 @@ def create_app(config: Optional[BackendConfig] = None, *, predictor_factory=None
     app.extensions["ssp_sam"] = rt
     app.before_request(_before_request)
     app.after_request(_after_request)
+    app.teardown_request(_write_leftover_records)
     app.register_error_handler(ApiError, lambda exc: _error(exc.status, exc.message))
     app.register_error_handler(HTTPException, lambda exc: _error(exc.code or 500, exc.description or exc.name))
     app.register_error_handler(Exception, _unhandled)
@@ -282,6 +287,13 @@ def _after_request(resp):
     level = logging.INFO if endpoint not in ("/", "/health", "/metrics") else logging.DEBUG
     logger.log(level, "%s %s -> %d in %.3f s", request.method, request.path, resp.status_code, seconds)
     return resp
+
+
+def _write_leftover_records(exc=None) -> None:
+    """Masks a request kept for after its response, when no response took them (``_after_request`` did not run)."""
+    records = g.pop("deferred_records", None)
+    if records:
+        _rt().write_records(records)
 
 
 def _unhandled(exc: Exception):

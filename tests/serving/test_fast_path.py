@@ -265,3 +265,18 @@ def test_responses_are_encoded_by_ujson_with_a_fallback(app):
     assert json.loads(fast) == body and "\\/" not in fast and fast.isascii()
     assert "NaN" in provider.dumps({"x": float("nan")})               # ujson refuses it: Flask's own encoder
     assert provider.dumps({"b": 1, "a": 2}, indent=2) == '{\n  "b": 1,\n  "a": 2\n}'
+
+
+def test_masks_kept_for_after_the_response_are_bounded(make_app, ls_media, store, monkeypatch):
+    from backend.serving import app as app_mod
+
+    monkeypatch.setattr(app_mod, "DEFERRED_MASKS_BYTES", 64 * 48 * 2)      # room for two 64x48 masks
+    written = []
+    real = app_mod.Runtime.write_records
+    monkeypatch.setattr(app_mod.Runtime, "write_records", lambda self, records: written.append(len(records)) or
+                        real(self, records))
+    client = make_app().test_client()
+    img = ls_media("a.png", png_bytes(64, 48))
+    body = {"tasks": [task(i, img, "a circle") for i in range(1, 5)], "project": "1.1", "label_config": LABEL_CONFIG}
+    assert client.post("/predict", json=body).status_code == 200
+    assert written == [1, 1, 2] and len(store.predictions) == 4       # two at once, two after the response
