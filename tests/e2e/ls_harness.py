@@ -3,14 +3,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import pytest
 
 from scripts.labelstudio_headless import (LS_VENV, ROOT, Login, RunningLabelStudio, StartError, browser_session,
                                           ensure_ls_venv, free_port, start_label_studio as _start, stop, tail,
                                           wait_http)
 
 __all__ = ["LS_VENV", "ROOT", "StartError", "ensure_ls_venv", "free_port", "stop", "tail", "wait_http", "TOKEN", "USER",
-           "PASSWORD", "CI_LOGIN", "LABEL_CONFIG", "start_label_studio", "personal_access_token"]
+           "PASSWORD", "CI_LOGIN", "LABEL_CONFIG", "start_label_studio", "personal_access_token",
+           "require_ls_venv"]
 
 TOKEN = "ci0123456789abcdef0123456789abcdef012345"          # legacy token, applied when the user is created
 USER, PASSWORD = "ci@example.com", "ci-password-123"
@@ -18,6 +22,17 @@ CI_LOGIN = Login(USER, PASSWORD, TOKEN)
 LABEL_CONFIG = ('<View><Image name="image" value="$image"/><TextArea name="prompt" toName="image" editable="true" '
                 'rows="1" placeholder="describe the object"/><BrushLabels name="tag" toName="image">'
                 '<Label value="object"/></BrushLabels></View>')
+
+
+def require_ls_venv() -> None:
+    """Install Label Studio into .venv-ls if needed; when that cannot be done the test fails under CI (where it must
+    run) and is skipped elsewhere, with the reason."""
+    ok, msg = ensure_ls_venv()
+    if not ok:
+        msg = f"cannot create the Label Studio environment (.venv-ls): {msg}"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
 
 
 def start_label_studio(workdir: Path) -> RunningLabelStudio:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts.labelstudio_headless import ROOT, ensure_ls_venv, free_port, port_is_free
+from scripts.labelstudio_headless import ROOT, free_port, port_is_free
+from tests.e2e.ls_harness import require_ls_venv
 
 pytestmark = pytest.mark.e2e
 READY = "Ctrl-C here"
@@ -31,12 +32,7 @@ READY = "Ctrl-C here"
 
 @pytest.fixture(scope="module")
 def ls_venv():
-    ok, msg = ensure_ls_venv()
-    if not ok:
-        msg = f"cannot create the Label Studio environment (.venv-ls): {msg}"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+    require_ls_venv()
 
 
 def demo_env(demo_dir: Path, **extra) -> dict:

@@ -32,7 +32,7 @@ from PIL import Image
 
 from ssp_sam.data.masks import brush_rle_to_mask, mask_to_brush_rle
 from ssp_sam.metrics import iou
-from tests.e2e.ls_harness import (LABEL_CONFIG, ROOT, TOKEN, USER, ensure_ls_venv, free_port, personal_access_token,
+from tests.e2e.ls_harness import (LABEL_CONFIG, require_ls_venv, ROOT, TOKEN, USER, free_port, personal_access_token,
                                   start_label_studio, stop, tail, wait_http)
 
 pytestmark = pytest.mark.e2e
@@ -113,12 +113,7 @@ def _metrics(be: str) -> dict:
 # ---------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def ls_venv():
-    ok, msg = ensure_ls_venv()
-    if not ok:
-        msg = f"cannot create the Label Studio environment (.venv-ls): {msg}"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+    require_ls_venv()
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ import requests
 from PIL import Image
 
 from ssp_sam.data.masks import brush_rle_to_mask
-from tests.e2e.ls_harness import (LABEL_CONFIG, ROOT, TOKEN, ensure_ls_venv, personal_access_token,
+from tests.e2e.ls_harness import (LABEL_CONFIG, require_ls_venv, ROOT, TOKEN, personal_access_token,
                                   start_label_studio, stop, tail, wait_http)
 from tests.local_http import LocalServer, send_bytes
 
@@ -75,12 +75,7 @@ class HoldingImageServer(LocalServer):
 
 @pytest.fixture(scope="module")
 def label_studio(tmp_path_factory):
-    ok, msg = ensure_ls_venv()
-    if not ok:
-        msg = f"cannot create the Label Studio environment (.venv-ls): {msg}"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+    require_ls_venv()
     tmp = tmp_path_factory.mktemp("prelabel-e2e")
     proc, url, log = start_label_studio(tmp)
     try:
