@@ -5,6 +5,7 @@ import torch
 
 from backend.serving.app import create_app
 from tests.fakes import LS_URL, FakePredictor, FakeStore, make_config
+from tests.ssp_sam.weights_files import WeightsHomes, tiny_weight_files
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -101,3 +102,17 @@ def reliability(request):
                 f.write(json.dumps({"area": area, "case": case, "sent": sent, "got": got,
                                     "test": request.node.nodeid}) + "\n")
     return record
+
+
+@pytest.fixture(scope="module")
+def tiny_files():
+    """Tiny weight files in the official formats (tests/ssp_sam/weights_files.py), made once per module."""
+    return tiny_weight_files(seed=0)
+
+
+@pytest.fixture
+def homes(tmp_path, monkeypatch, tiny_files):
+    """A local server playing Hugging Face, the SAM URL and the CLIP URL, with the environment pointed at it."""
+    h = WeightsHomes(tmp_path, monkeypatch, tiny_files)
+    yield h
+    h.stop()

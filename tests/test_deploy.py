@@ -438,12 +438,17 @@ DOCKER_RUN_OPTIONS_WITH_VALUE = {"--name", "-p", "--publish", "-v", "--volume", 
                                  "--env-file", "-u", "--user", "--entrypoint", "-w", "--workdir"}
 
 
-def split_docker_run(argv: list[str]) -> tuple[list[str], str, list[str]]:
-    """``docker run OPTIONS IMAGE COMMAND`` -> (options, image, command)."""
+def _split_after_options(argv: list[str], with_value: set[str]) -> tuple[list[str], str, list[str]]:
+    """``docker <verb> [compose] OPTIONS WORD REST`` (options from argv[2]) -> (options, word, rest)."""
     i = 2
     while i < len(argv) and argv[i].startswith("-"):
-        i += 2 if argv[i] in DOCKER_RUN_OPTIONS_WITH_VALUE else 1
+        i += 2 if argv[i] in with_value else 1
     return argv[2:i], argv[i], argv[i + 1:]
+
+
+def split_docker_run(argv: list[str]) -> tuple[list[str], str, list[str]]:
+    """``docker run OPTIONS IMAGE COMMAND`` -> (options, image, command)."""
+    return _split_after_options(argv, DOCKER_RUN_OPTIONS_WITH_VALUE)
 
 
 COMPOSE_OPTIONS_WITH_VALUE = {"-f", "--file", "-p", "--project-name", "--env-file", "--profile", "--scale", "-u",
@@ -452,10 +457,7 @@ COMPOSE_OPTIONS_WITH_VALUE = {"-f", "--file", "-p", "--project-name", "--env-fil
 
 def split_compose(argv: list[str]) -> tuple[list[str], str, list[str]]:
     """``docker compose GLOBAL SUBCOMMAND ARGS`` -> (global options, subcommand, args)."""
-    i = 2
-    while i < len(argv) and argv[i].startswith("-"):
-        i += 2 if argv[i] in COMPOSE_OPTIONS_WITH_VALUE else 1
-    return argv[2:i], argv[i], argv[i + 1:]
+    return _split_after_options(argv, COMPOSE_OPTIONS_WITH_VALUE)
 
 
 def compose_service_and_command(args: list[str]) -> tuple[str | None, list[str]]:

@@ -25,21 +25,7 @@ from backend.serving.model_manager import ModelManager
 from backend.weights import weights_problem
 from ssp_sam import hub
 from tests.fakes import LABEL_CONFIG, FakePredictor, FakeStore, make_config, png_bytes, task
-from tests.ssp_sam.weights_files import WeightsHomes, tiny_weight_files
 
-
-@pytest.fixture(scope="module")
-def tiny_files():
-    return tiny_weight_files(seed=0)
-
-
-@pytest.fixture
-def homes(tmp_path, monkeypatch, tiny_files):
-    h = WeightsHomes(tmp_path, monkeypatch, tiny_files)
-    yield h
-    for gate in h.server.gate.values():
-        gate.set()
-    h.stop()
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from ssp_sam import hub
 from ssp_sam.build import VARIANTS, ModelConfig, build_model, load_model
 from ssp_sam.versioning import weights_version
 from tests.local_http import closed_port
-from tests.ssp_sam.weights_files import WeightsHomes, tiny_weight_files
 
 
 def run_cli(argv: list[str]) -> int:
@@ -23,17 +22,6 @@ def run_cli(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     return args.func(args)
 
-
-@pytest.fixture(scope="module")
-def tiny_files():
-    return tiny_weight_files(seed=0)
-
-
-@pytest.fixture
-def homes(tmp_path, monkeypatch, tiny_files):
-    h = WeightsHomes(tmp_path, monkeypatch, tiny_files)
-    yield h
-    h.stop()
 
 
 def download(out, *more: str) -> int:

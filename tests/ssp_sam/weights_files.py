@@ -93,4 +93,6 @@ class WeightsHomes:
         return [start for key, start in self.server.downloads if key == self.keys[role]]
 
     def stop(self) -> None:
+        for gate in self.server.gate.values():     # a request a test still holds must not block the shutdown
+            gate.set()
         self.server.stop()
