@@ -72,6 +72,12 @@ def provenance() -> dict:
             "command": " ".join(portable([sys.executable.rsplit("/", 1)[-1], *sys.argv]))}
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """``"WxH"`` (as the benches' --size / --sizes take it) -> (width, height)."""
+    width, height = (int(v) for v in text.lower().split("x"))
+    return width, height
+
+
 def write_json(path: str | os.PathLike, result: dict) -> Path:
     """``result`` with its provenance, paths made portable, written atomically."""
     from ssp_sam.io import write_text_atomic

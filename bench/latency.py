@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import machine, write_json  # noqa: E402
+from bench.common import machine, parse_size, write_json  # noqa: E402
 from ssp_sam import timing  # noqa: E402
 from ssp_sam.build import (LoadedModel, ModelConfig, build_model, compile_encoders, load_model,  # noqa: E402
                            resolve_device, resolve_dtype)
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)
-    size = tuple(int(v) for v in args.size.lower().split("x"))
+    size = parse_size(args.size)
     settings = [(s == "on", c == "on") for c in args.compile for s in args.sdpa]
     m = machine()
     print(f"machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, gpu: {m.get('gpu', 'none')}")

@@ -28,7 +28,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import exit_on_sigterm, write_json  # noqa: E402
+from bench.common import exit_on_sigterm, parse_size, write_json  # noqa: E402
 from bench.server_latency import TOKEN, encode, photo_like, predict, wait_loaded  # noqa: E402
 from tests.local_http import LocalMediaServer  # noqa: E402
 from tests.serving.server_process import running_server  # noqa: E402
@@ -70,7 +70,7 @@ def caches(base: str) -> tuple[dict, dict]:
 def run(args) -> dict:
     env = {"SSP_SAM_VARIANT": args.model, "PRELOAD_MODEL": "true", "DEVICE": args.device, "DTYPE": args.dtype,
            "LOG_LEVEL": "WARNING", "EMBEDDING_CACHE_MB": str(args.cache_mb), "GUNICORN_TIMEOUT": "1800"}
-    w, h = (int(v) for v in args.size.lower().split("x"))
+    w, h = parse_size(args.size)
     with tempfile.TemporaryDirectory(prefix="memory-bench-") as tmp, LocalMediaServer(token=TOKEN) as media, \
             running_server(Path(tmp), LABEL_STUDIO_URL=media.origin, LABEL_STUDIO_API_KEY=TOKEN, **env) as server:
         session = requests.Session()

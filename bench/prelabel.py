@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from backend.labelstudio.brush import brush_region  # noqa: E402
-from bench.common import machine, write_json  # noqa: E402
+from bench.common import machine, parse_size, write_json  # noqa: E402
 from ssp_sam.images import load_image  # noqa: E402
 from scripts.labelstudio_headless import free_port, start_process  # noqa: E402
 from tests.e2e.ls_harness import (LABEL_CONFIG, TOKEN, ensure_ls_venv, start_label_studio, stop,  # noqa: E402
@@ -86,7 +86,7 @@ def scenes(n: int, seed: int, size: str | None) -> list[tuple[bytes, str]]:
         s = generate_sample(seed, i)
         image = Image.fromarray(s.image)
         if size:
-            w, h = (int(v) for v in size.lower().split("x"))
+            w, h = parse_size(size)
             image = image.resize((w, h), Image.NEAREST)
         buf = io.BytesIO()
         image.save(buf, format="PNG")

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import write_json  # noqa: E402
+from bench.common import parse_size, write_json  # noqa: E402
 from bench.server_latency import TOKEN, encode, photo_like  # noqa: E402
 from tests.local_http import LocalMediaServer  # noqa: E402
 
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         return 0
     from backend.config import BackendConfig
 
-    w, h = (int(v) for v in args.size.lower().split("x"))
+    w, h = parse_size(args.size)
     with tempfile.TemporaryDirectory(prefix="prelabel-bench-") as tmp, LocalMediaServer(token=TOKEN) as media:
         data = {}
         for i in range(args.tasks):

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import write_json  # noqa: E402
+from bench.common import parse_size, write_json  # noqa: E402
 from ssp_sam.data.masks import mask_to_brush_rle  # noqa: E402
 
 SHAPES = ("blob", "noisy", "empty", "full")
@@ -110,7 +110,7 @@ def main() -> None:
           "| rs / ours | same bytes |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for size in args.sizes:
-        width, height = (int(v) for v in size.lower().split("x"))
+        width, height = parse_size(size)
         for shape in args.shapes:
             mask = make_mask(shape, height, width)
             flat = mask.ravel()

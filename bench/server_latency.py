@@ -43,7 +43,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import exit_on_sigterm, write_json  # noqa: E402
+from bench.common import exit_on_sigterm, parse_size, write_json  # noqa: E402
 from ssp_sam.timing import MODEL_STAGES, STAGES  # noqa: E402
 from tests.local_http import LocalMediaServer  # noqa: E402
 from tests.payloads import TEST_LABEL_CONFIG  # noqa: E402
@@ -78,11 +78,6 @@ def encode(img: np.ndarray, fmt: str) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
     return buf.getvalue()
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    w, _, h = text.lower().partition("x")
-    return int(w), int(h)
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
