@@ -1,5 +1,9 @@
 """Train the packaged demo model and measure it: ``torchrun --nproc_per_node 2 bench/train_demo.py``.
 
+``--preset demo-clicks`` (``python bench/train_demo.py --preset demo-clicks``) is the second stage: click training
+from the packaged bundle; the held-out table then compares the start and the new model side by side (sentence
+metrics and simulated clicks), and the new bundle is installed only when its sentence-only mIoU is not worse.
+
 Runs as one process too (``python bench/train_demo.py``); two processes (one per core, gloo, one torch thread
 each) see twice the samples in the same wall-clock budget on the 2-core machine.
 
@@ -35,11 +39,14 @@ ASSET = ROOT / "ssp_sam" / "assets" / "ssp_sam_demo.pt"
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=None, help="training wall-clock budget in minutes (preset: 24)")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default=None, help="run folder (default: the preset's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy 2-core box)")
     p.add_argument("--heldout", default="synthetic:1000:seed=2", help="held-out evaluation set")
     p.add_argument("--no-install", action="store_true", help="do not copy the bundle into ssp_sam/assets")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON", help="extra TrainConfig overrides")
+    p.add_argument("--preset", default="demo", choices=("demo", "demo-clicks"),
+                   help="demo: from scratch; demo-clicks: click training from the packaged bundle")
+    p.add_argument("--clicks", type=int, default=20, help="simulated clicks per held-out sample (NoC cap)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -47,10 +54,17 @@ def main() -> int:
     from ssp_sam.build import ModelConfig, load_model
     from ssp_sam.data.datasets import load_dataset
     from ssp_sam.metrics import format_table
-    from ssp_sam.evaluate import evaluate_model
+    from ssp_sam.evaluate import evaluate_clicks, evaluate_model, format_click_table
     from ssp_sam.train import config_from_preset, train
 
-    overrides = {"out_dir": args.out}
+    overrides = {"out_dir": args.out} if args.out else {}
+    start = None
+    if args.preset == "demo-clicks":                   # the bundle it starts from, kept: the install replaces it
+        start = Path(config_from_preset(args.preset, **overrides).out_dir) / "start.pt"
+        start.parent.mkdir(parents=True, exist_ok=True)
+        if not start.exists():
+            shutil.copyfile(ASSET, start)
+        overrides["init_checkpoint"] = str(start)
     if args.minutes is not None:
         overrides["time_limit_min"] = args.minutes
     if args.threads is not None:
@@ -58,7 +72,8 @@ def main() -> int:
     for item in args.set:
         k, v = item.split("=", 1)
         overrides[k] = json.loads(v)
-    cfg = config_from_preset("demo", **overrides)
+    cfg = config_from_preset(args.preset, **overrides)
+    out_dir = Path(cfg.out_dir)
 
     t0 = time.time()
     result = train(cfg)
@@ -70,23 +85,36 @@ def main() -> int:
             return 0
     print(f"training: {result.steps} steps, {train_s / 60:.1f} min wall time (incl. data generation)")
 
-    loaded = load_model(ModelConfig(variant="demo", checkpoint=str(result.best_path), device="cpu"))
     heldout = load_dataset(args.heldout)
-    t1 = time.time()
-    metrics = evaluate_model(loaded.model, loaded.tokenizer, heldout, batch_size=32)
-    print(f"\nheld-out {args.heldout} ({time.time() - t1:.0f} s):\n{format_table(metrics)}")
-    kinds = sorted(k[:-5] for k in metrics if k.endswith("/mIoU") and not k.startswith("orig/"))
-    print("per kind mIoU: " + ", ".join(f"{k} {metrics[k + '/mIoU']:.3f}" for k in kinds))
+    models = {"new": result.best_path, **({"start": start} if start else {})}
+    measured = {}
+    for name, path in models.items():
+        loaded = load_model(ModelConfig(variant="demo", checkpoint=str(path), device="cpu"))
+        t1 = time.time()
+        metrics = evaluate_model(loaded.model, loaded.tokenizer, heldout, batch_size=32)
+        clicks = evaluate_clicks(loaded.model, loaded.tokenizer, heldout, max_clicks=args.clicks, batch_size=32)
+        measured[name] = (metrics, clicks)
+        print(f"\n{name} model, held-out {args.heldout} ({time.time() - t1:.0f} s):\n{format_table(metrics)}")
+        kinds = sorted(k[:-5] for k in metrics if k.endswith("/mIoU") and not k.startswith("orig/"))
+        print("per kind mIoU: " + ", ".join(f"{k} {metrics[k + '/mIoU']:.3f}" for k in kinds))
+        print(f"simulated clicks (NoC cap {args.clicks}):\n{format_click_table(clicks)}")
+    metrics, clicks = measured["new"]
+    not_worse = start is None or metrics["mIoU"] >= measured["start"][0]["mIoU"] - 1e-9
 
     report = {"train_wall_time_s": round(train_s, 1), "steps": result.steps, "best_epoch": result.best_epoch,
               "config": {k: v for k, v in vars(cfg).items()}, "heldout": args.heldout,
               "heldout_metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v)
                                   for k, v in metrics.items()},
+              "heldout_clicks": clicks, "start_model": ({"heldout_metrics": measured["start"][0],
+                                                         "heldout_clicks": measured["start"][1]} if start else None),
               "bundle_bytes": Path(result.best_path).stat().st_size, "torch_threads": torch.get_num_threads(),
               "processes": int(os.environ.get("WORLD_SIZE", "1"))}
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    write_json(Path(args.out) / "demo_report.json", report)
-    if not args.no_install:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "demo_report.json", report)
+    if not not_worse:
+        print(f"NOT installed: sentence-only mIoU {metrics['mIoU']:.4f} is below the start model's "
+              f"{measured['start'][0]['mIoU']:.4f}")
+    elif not args.no_install:
         shutil.copyfile(result.best_path, ASSET)
         print(f"installed {ASSET} ({ASSET.stat().st_size / 1e6:.1f} MB)")
     return 0

@@ -644,6 +644,7 @@ def raise_on_termination() -> None:
     """Ctrl-C, SIGTERM and SIGHUP end the demo through the cleanup (SIGINT too when the shell that started it in the
     background set it to be ignored)."""
     def handler(signum, _frame):
+        shield_cleanup()        # the first signal starts the cleanup; more Ctrl-Cs must not break into it
         raise KeyboardInterrupt(signal.Signals(signum).name)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, handler)
@@ -708,6 +709,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stop":
             return stop_running_demo(st)
         return run(st, args.fresh)
+    except KeyboardInterrupt:   # before the handler is set, or while run() had already left its own try
+        return 0 if not args.check else 130
     except DemoError as exc:
         print(f"[demo] {exc}", file=sys.stderr)
         return 1

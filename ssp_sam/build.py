@@ -199,8 +199,9 @@ def build_model(variant: str | VariantSpec | dict = "tiny", *, with_image_encode
     return model
 
 
-def set_trainable(model: SSPSAM, *, train_mask_decoder: bool = True) -> None:
-    """Mark what the recipe trains: SSP modules and the mask decoder; CLIP / SAM encoder only when the spec says."""
+def set_trainable(model: SSPSAM, *, train_mask_decoder: bool = True, train_prompt_encoder: bool = False) -> None:
+    """Mark what the recipe trains: SSP modules and the mask decoder; CLIP / SAM encoder only when the spec says;
+    SAM's prompt encoder (clicks, boxes, previous mask) only in click training."""
     spec = model.spec
     for p in model.parameters():
         p.requires_grad_(True)
@@ -210,7 +211,7 @@ def set_trainable(model: SSPSAM, *, train_mask_decoder: bool = True) -> None:
         for p in model.sam.image_encoder.parameters():
             p.requires_grad_(spec.train_sam_encoder)
     for p in model.sam.prompt_encoder.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(train_prompt_encoder)
     for p in model.sam.mask_decoder.parameters():
         p.requires_grad_(train_mask_decoder)
     # single-mask output: the IoU head and the hypernetworks of mask tokens 1-3 never receive a gradient

@@ -80,12 +80,17 @@ def ssp_sam_loss(logits: torch.Tensor | None, target_mask: torch.Tensor | None, 
             raise ValueError("mask logits and target are required unless box_only=True")
         if logits.shape != target_mask.shape:
             raise ValueError(f"logits {tuple(logits.shape)} and target mask {tuple(target_mask.shape)} differ")
-        dice = dice_loss(logits, target_mask)
-        focal = focal_loss(logits, target_mask)
+        dice, focal = dice_loss(logits, target_mask), focal_loss(logits, target_mask)
         total = total + w["dice"] * dice + w["focal"] * focal
         parts.update(dice=float(dice.detach()), focal=float(focal.detach()))
     parts["total"] = float(total.detach())
     return LossOutput(total=total, parts=parts)
+
+
+def mask_loss(logits: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """The recipe's mask part alone, 4 dice + 4 focal: the loss of a click round (``ssp_sam.train``), where the box
+    head has nothing new to learn."""
+    return DICE_WEIGHT * dice_loss(logits, target_mask) + FOCAL_WEIGHT * focal_loss(logits, target_mask)
 
 
 def referent_patch_loss(patch_logits: torch.Tensor, target_grid: torch.Tensor, threshold: float = 0.25
@@ -100,5 +105,5 @@ def referent_patch_loss(patch_logits: torch.Tensor, target_grid: torch.Tensor, t
     return F.binary_cross_entropy_with_logits(patch_logits, (target_grid > threshold).to(patch_logits.dtype))
 
 
-__all__ = ["dice_loss", "focal_loss", "box_losses", "ssp_sam_loss", "referent_patch_loss", "LossOutput",
+__all__ = ["dice_loss", "focal_loss", "box_losses", "ssp_sam_loss", "mask_loss", "referent_patch_loss", "LossOutput",
            "DICE_WEIGHT", "FOCAL_WEIGHT", "L1_WEIGHT", "GIOU_WEIGHT"]

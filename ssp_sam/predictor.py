@@ -28,6 +28,8 @@ import numpy as np
 import torch
 
 from .build import LoadedModel, autocast_for, load_model
+from .clicks import original_to_sam
+from .data.sample import mask_to_box
 from .images import ImageRef, load_image
 from .options import add_model_args, model_config_from_args
 from .timing import stage
@@ -43,6 +45,8 @@ class Prediction:
     box_xyxy: np.ndarray        # (4,) REG-token box in original pixels
     no_target: bool             # the GRES rule: too few positive pixels in the logit frame
     frame_logits: np.ndarray    # (F, F) float32 logits in the padded SAM frame
+    low_res_logits: np.ndarray | None = None   # (1, 4h, 4w) mask-decoder logits: the next interactive step's
+                                                # dense prompt (``predict_interactive(mask_input=...)``)
 
 
 @dataclass
@@ -311,13 +315,60 @@ class SSPSAMPredictor:
         log.debug("predicted %d pairs in %.3f s", len(pairs), time.perf_counter() - t0)
         return results
 
-    def _finish(self, frame_logits: torch.Tensor, box: torch.Tensor, fe: _ImageFeatures) -> Prediction:
+    def predict_interactive(self, image, sentence: str | None = None, points=None, labels=None, box=None,
+                            mask_input: np.ndarray | None = None) -> Prediction:
+        """A sentence and/or SAM prompts on one image -> ``Prediction`` (with ``low_res_logits`` for the next step).
+
+        ``points``: (N, 2) xy and ``box``: (x0, y0, x1, y1), continuous coordinates on the picture as
+        ``load_image`` returns it (EXIF-transposed; (0, 0) its top-left corner, (W, H) its bottom-right).
+        ``labels``: (N,) 1 positive / 0 negative. ``mask_input``: an earlier step's ``low_res_logits`` on the same
+        picture. With a sentence, its prompt tokens and SAM's point/box tokens drive the decoder together; without
+        one it is plain SAM. A sentence alone gives exactly ``predict``'s mask.
+        """
+        points = None if points is None or len(points) == 0 else np.asarray(points, np.float32).reshape(-1, 2)
+        if not sentence and points is None and box is None:
+            raise ValueError("an interactive prediction needs a sentence, a click or a box")
+        if points is not None:
+            labels = np.ones(len(points), np.float32) if labels is None else np.asarray(labels, np.float32)
+            if labels.shape != (len(points),):
+                raise ValueError(f"{len(points)} points but {labels.size} labels")
+        fe = self._image_features([self._ref(image)], 1)[0]
+        text = self._text_features([str(sentence)])[0] if sentence else None
+        size = self.spec.sam_image_size
+        with stage("decoder"):
+            dev = self.device
+            pts = bx = mi = None
+            if points is not None:
+                pts = (torch.from_numpy(original_to_sam(points, fe.hw, size))[None].to(dev),
+                       torch.from_numpy(labels)[None].to(dev))
+            if box is not None:
+                corners = original_to_sam(np.asarray(box, np.float32).reshape(2, 2), fe.hw, size)
+                bx = torch.from_numpy(corners.reshape(1, 4)).to(dev)
+            if mask_input is not None:
+                mi = torch.as_tensor(np.asarray(mask_input, np.float32)).reshape(1, 1, *np.shape(mask_input)[-2:])
+                mi = mi.to(dev)
+            with torch.inference_mode(), self._autocast(), self._model_lock:
+                emb = fe.embedding[None].to(dev)
+                prompts = reg_box = None
+                if text is not None:
+                    ids, words, sent = (t[None].to(dev) for t in text)
+                    reg_box, prompts, _ = self.model.encode_prompts(ids, image_tokens=fe.tokens[None].to(dev),
+                                                                    text_features=(words, sent))
+                low = self.model.decode_masks(emb, prompts, points=pts, boxes=bx, mask_input=mi)
+                logits = self.model.postprocess_logits(low).float()[0, 0]
+        with stage("upsample"), torch.inference_mode():
+            pred = self._finish(logits, None if reg_box is None else reg_box[0].float().cpu(), fe)
+        pred.low_res_logits = low[0].float().cpu().numpy()
+        return pred
+
+    def _finish(self, frame_logits: torch.Tensor, box: torch.Tensor | None, fe: _ImageFeatures) -> Prediction:
         """Logits in the padded frame (on the model's device) -> the mask at the original size. The upsampling and
-        the threshold run where the logits are; only the boolean mask and the small frame come back to the host."""
+        the threshold run where the logits are; only the boolean mask and the small frame come back to the host.
+        ``box``: the REG token's (None without a sentence: the mask's own bounding box)."""
         positive = frame_logits > self.threshold
         n_positive = int(positive.sum())
         no_target = n_positive < self.spec.no_target_min_pixels
-        box_xyxy = box_from_clip_frame(box.tolist(), fe.meta, fe.hw)
+        box_xyxy = box_from_clip_frame(box.tolist(), fe.meta, fe.hw) if box is not None else None
         if no_target:
             mask = np.zeros(fe.hw, dtype=bool)
             score = 0.0
@@ -327,6 +378,9 @@ class SSPSAMPredictor:
             score = float(torch.sigmoid(frame_logits[positive]).mean())
             if not mask.any():  # a tiny object lost in the resize back: report it as no target
                 no_target, score = True, 0.0
+        if box_xyxy is None:
+            box = mask_to_box(mask)
+            box_xyxy = box if box is not None else np.zeros(4, dtype=np.float32)
         return Prediction(mask=mask, score=score, box_xyxy=box_xyxy, no_target=no_target,
                           frame_logits=frame_logits.cpu().numpy().astype(np.float32, copy=False))
 

@@ -39,10 +39,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ssp_sam.batches import TrainView, collate, forward_batch, precompute_embeddings
+from ssp_sam.clicks import Click, click_tensors, next_click
 from ssp_sam.data import Sample
 from ssp_sam.distributed import from_rank0, gather_objects, init_distributed, rank_and_world
 from ssp_sam.evaluate import evaluate_model
-from ssp_sam.losses import LossOutput, referent_patch_loss, ssp_sam_loss
+from ssp_sam.losses import LossOutput, mask_loss, referent_patch_loss, ssp_sam_loss
 from ssp_sam.metrics import format_table
 from ssp_sam.options import add_dataclass_arguments, opt, overrides_from_args
 from ssp_sam.runlog import CsvLog, plot_curves
@@ -106,6 +107,12 @@ class TrainConfig:
                                              "this std before training (from-scratch runs; official: N(0, 1))")
     patch_loss_weight: float = opt(0.0, "weight of the auxiliary referent-patch loss (ssp_sam.losses) through a "
                                         "training-only linear head; 0: off (official)")
+    click_sim: bool = opt(False, "also train with simulated clicks (SAM's recipe of interleaved click rounds, "
+                                 "ssp_sam.clicks): after each sentence step, a chain of up to click_rounds clicks, "
+                                 "each at the largest error of the previous mask; SAM's prompt encoder trains too")
+    click_rounds: int = opt(4, "longest click chain per step (its length is drawn from 1..click_rounds)")
+    click_only_prob: float = opt(0.3, "share of chains without the sentence (plain SAM clicks)")
+    click_mask_prob: float = opt(0.5, "share of chains that also feed the previous mask as SAM's dense prompt")
     patch_head_fit_steps: int = opt(0, "fit that head alone on the start model's outputs first, for this many steps "
                                        "(a linear probe; for runs that start from a bundle, which has no head)")
 
@@ -131,6 +138,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "finetune": dict(epochs=10, batch_size=8, lr=1e-4, lr_decoder=1e-4, lr_min=1e-6, warmup_epochs=0.0,
                      freeze_decoder_epochs=0, clip_grad=1.0, aug_translate=True, patch_head_fit_steps=200,
                      seed=3407, eval_batch_size=16, save_checkpoints=False, progress=False, log_every=10 ** 9),
+    # Click training of the packaged demo (docs/training.md, "Clicks"): from the demo bundle, its encoders frozen,
+    # the sentence loss of every step plus one simulated click chain; SAM's prompt encoder (random in the demo) and
+    # the decoder at the higher lr, the sentence path gently. `python bench/train_demo_clicks.py`.
+    "demo-clicks": dict(variant="demo", train_data="synthetic:12000:seed=0", val_data="synthetic:300:seed=1",
+                        train_clip=False, train_sam_encoder=False, click_sim=True, epochs=20, batch_size=16,
+                        lr=2e-5, lr_decoder=2e-4, lr_min=1e-6, warmup_epochs=0.05, schedule="time",
+                        time_limit_min=15.0, freeze_decoder_epochs=0, clip_grad=1.0, aug_translate=False,
+                        out_dir="runs/demo-clicks", eval_batch_size=32, log_every=50, threads=2),
     # A few CPU seconds: tests.
     "tiny": dict(variant="tiny", train_data="synthetic:32", val_data="synthetic:16:seed=1", epochs=1,
                  batch_size=4, lr=1e-3, lr_decoder=1e-3, warmup_epochs=0.0, freeze_decoder_epochs=0,
@@ -179,7 +194,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_set: Sequence[Samp
     train_set, val_set = load_data(cfg, train_set, val_set, run.master)
     train_emb, run.val_emb = embeddings_for(cfg, model, train_set, val_set, run.device, run.master)
     run.view, run.sampler, run.loader = make_loader(cfg, model.spec, train_set, train_emb, run.rank, run.world)
-    run.objective = Objective(model, tokenizer, run.device, cfg.patch_loss_weight)
+    run.objective = Objective(model, tokenizer, run.device, cfg.patch_loss_weight,
+                              ClickChains.from_config(cfg) if cfg.click_sim else None)
     run.optimizer, run.scheduler = make_optimizer(cfg, run.objective, len(run.loader))
     resumed = resume(cfg, run)
     wrap_for_epoch(run, run.start_epoch)                # building DDP gives every rank rank 0's weights
@@ -286,7 +302,8 @@ def prepare_model(cfg: TrainConfig, device: torch.device, model=None, tokenizer=
         model.spec = dataclasses.replace(model.spec, **overrides)
     if cfg.token_init_std and not cfg.resume:
         model.prompt_generator.init_token_tables(cfg.token_init_std)
-    set_trainable(model, train_mask_decoder=True)  # the model's own rules (e.g. unused decoder heads stay off)
+    set_trainable(model, train_mask_decoder=True,   # the model's own rules (e.g. unused decoder heads stay off)
+                  train_prompt_encoder=cfg.click_sim)
     return model.to(device), tokenizer
 
 
@@ -342,6 +359,20 @@ def make_loader(cfg: TrainConfig, spec, train_set, embeddings, rank: int, world:
     return view, sampler, loader
 
 
+@dataclass
+class ClickChains:
+    """Click training (``--click-sim``): how the chains after each sentence step are drawn."""
+
+    rounds: int = 4
+    only_prob: float = 0.3
+    mask_prob: float = 0.5
+    jitter: float = 0.7          # the click lands among the points at least this x the deepest error's depth
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> "ClickChains":
+        return cls(max(1, cfg.click_rounds), cfg.click_only_prob, cfg.click_mask_prob)
+
+
 class Objective(torch.nn.Module):
     """The model, its training-only heads and the loss, as one module: what ``DistributedDataParallel`` wraps
     (DDP averages the gradients of every parameter used in ``forward``).
@@ -349,16 +380,19 @@ class Objective(torch.nn.Module):
     ``forward(batch, box_only)`` returns the :class:`~ssp_sam.losses.LossOutput` of one batch: the official loss,
     plus ``patch_loss_weight`` x the referent-patch loss of a linear head on the prompt generator's fused-token
     outputs when that weight is > 0. The head is saved in ``last.pt`` but never in a bundle. ``parts["total"]``
-    stays the official loss (what the logs have always shown); ``parts["patch"]`` is the auxiliary one.
+    stays the official loss (what the logs have always shown); ``parts["patch"]`` is the auxiliary one. With
+    ``clicks``, the mask loss of one simulated click chain is added (``parts["clicks"]``).
     """
 
-    def __init__(self, model, tokenizer, device: torch.device, patch_loss_weight: float = 0.0) -> None:
+    def __init__(self, model, tokenizer, device: torch.device, patch_loss_weight: float = 0.0,
+                 clicks: ClickChains | None = None) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.patch_loss_weight = patch_loss_weight
         self.patch_head = (torch.nn.Linear(model.spec.prompt_dim, 1).to(device) if patch_loss_weight > 0 else None)
+        self.clicks = clicks
 
     def forward(self, batch: dict[str, Any], box_only: bool = False) -> LossOutput:
         dev = self.device
@@ -369,13 +403,46 @@ class Objective(torch.nn.Module):
             aux = referent_patch_loss(self.patch_head(out.visual_out)[..., 0], batch["grid"].to(dev))
             loss.total = loss.total + self.patch_loss_weight * aux
             loss.parts["patch"] = float(aux.detach())
+        if self.clicks is not None and not box_only:
+            chain = self.click_chain_loss(out, batch["mask"])
+            loss.total = loss.total + chain
+            loss.parts["clicks"] = float(chain.detach())
         return loss
+
+    def click_chain_loss(self, out, masks: torch.Tensor) -> torch.Tensor:
+        """One simulated interactive session per sample, as SAM trains its prompts: the sentence's mask (or, in
+        ``only_prob`` of the chains, nothing: plain SAM clicks), then ``n`` clicks, each at the largest error of the
+        previous mask, optionally with that mask's logits as the dense prompt. Only the last round has a gradient
+        (earlier ones just place clicks); returns its mask loss."""
+        cfg, model, dev = self.clicks, self.model, self.device
+        spec = model.spec
+        gt = masks.bool().numpy()
+        clicks_only = random.random() < cfg.only_prob
+        use_mask = random.random() < cfg.mask_prob
+        prompts = None if clicks_only else out.prompts
+        prev = np.zeros_like(gt) if clicks_only else (out.logits[:, 0].detach() > 0).cpu().numpy()
+        low = None if clicks_only else out.low_res_logits.detach()
+        chains: list[list[Click]] = [[] for _ in range(len(gt))]
+        n = random.randint(1, cfg.rounds)
+        for r in range(n):
+            for i, chain in enumerate(chains):
+                c = next_click(prev[i], gt[i], random, cfg.jitter)
+                if c is not None:
+                    chain.append(c)
+            points = click_tensors(chains, spec.frame_size, spec.sam_image_size, dev)
+            with torch.set_grad_enabled(r == n - 1 and torch.is_grad_enabled()):
+                low = model.decode_masks(out.image_embeddings, prompts, points=points,
+                                         mask_input=low.detach() if use_mask and low is not None else None)
+                logits = model.postprocess_logits(low)
+            prev = (logits[:, 0].detach() > 0).cpu().numpy()
+        return mask_loss(logits, masks[:, None].to(dev))
 
 
 def param_groups(model, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Two AdamW groups: the SAM mask decoder (``lr_decoder``) and every other trainable parameter (``lr``).
-    The decoder group holds its parameters even while they are frozen (AdamW skips parameters without a grad)."""
-    decoder = list(model.sam.mask_decoder.parameters())
+    """Two AdamW groups: the SAM mask decoder and prompt encoder (``lr_decoder``) and every other trainable parameter
+    (``lr``). The decoder group holds its parameters even while they are frozen (AdamW skips parameters without a
+    grad); the prompt encoder trains only with ``click_sim``."""
+    decoder = list(model.sam.mask_decoder.parameters()) + list(model.sam.prompt_encoder.parameters())
     decoder_ids = {id(p) for p in decoder}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in decoder_ids]
     return [{"params": others, "lr": cfg.lr, "name": "main"},

@@ -21,6 +21,7 @@ class SSPSAMOutput:
     box: torch.Tensor                    # (B, 4) sigmoid (cx, cy, w, h) in the padded CLIP square
     prompts: torch.Tensor | None         # (B, P, D) sparse prompts fed to SAM's mask decoder
     visual_out: torch.Tensor | None = None  # (B, N, D) prompt-generator outputs at the fused-token positions
+    image_embeddings: torch.Tensor | None = None  # (B, C, h, w) the SAM embeddings the decoder used
 
 
 class _UnusedOfficialModules(nn.Module):
@@ -108,8 +109,25 @@ class SSPSAM(nn.Module):
     def forward(self, image_embeddings: torch.Tensor | None, clip_images: torch.Tensor | None,
                 token_ids: torch.Tensor, sam_images: torch.Tensor | None = None, box_only: bool = False,
                 image_tokens: torch.Tensor | None = None,
-                text_features: tuple[torch.Tensor, torch.Tensor] | None = None) -> SSPSAMOutput:
-        """Full forward. Cached CLIP image tokens / text features may replace ``clip_images`` / the text tower."""
+                text_features: tuple[torch.Tensor, torch.Tensor] | None = None,
+                points: tuple[torch.Tensor, torch.Tensor] | None = None, boxes: torch.Tensor | None = None,
+                mask_input: torch.Tensor | None = None) -> SSPSAMOutput:
+        """Full forward. Cached CLIP image tokens / text features may replace ``clip_images`` / the text tower.
+        ``points`` / ``boxes`` / ``mask_input``: SAM prompts added to the sentence's (``decode_masks``)."""
+        box, prompts, visual_out = self.encode_prompts(token_ids, clip_images, image_tokens, text_features,
+                                                       box_only=box_only)
+        if box_only:
+            return SSPSAMOutput(None, None, box, None, visual_out)
+        image_embeddings = self.image_embeddings(image_embeddings, sam_images)
+        low_res = self.decode_masks(image_embeddings, prompts, points=points, boxes=boxes, mask_input=mask_input)
+        return SSPSAMOutput(self.postprocess_logits(low_res), low_res, box, prompts, visual_out, image_embeddings)
+
+    def encode_prompts(self, token_ids: torch.Tensor, clip_images: torch.Tensor | None = None,
+                       image_tokens: torch.Tensor | None = None,
+                       text_features: tuple[torch.Tensor, torch.Tensor] | None = None, box_only: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The Semantic-Spatial Prompt path: (REG box (B, 4), prompt tokens (B, P, D) or None when ``box_only``,
+        prompt-generator outputs at the fused-token positions)."""
         if image_tokens is None:
             image_tokens = self.encode_clip_image(clip_images)
         words, sentence = text_features if text_features is not None else self.encode_text(token_ids)
@@ -118,18 +136,21 @@ class SSPSAM(nn.Module):
         visual, _ = self.vad(image_tokens, sentence, words, ~word_mask)
         phrase, _ = self.lad(words, word_mask)
         fused = self.fusion(torch.tanh(visual) * torch.tanh(phrase))
-        box, prompts, visual_out = self.prompt_generator(fused, box_only=box_only)
-        if box_only:
-            return SSPSAMOutput(None, None, box, None, visual_out)
-        if image_embeddings is None:
-            if sam_images is None:
-                raise ValueError("give image_embeddings or sam_images")
-            with torch.set_grad_enabled(self.spec.train_sam_encoder and self.training and torch.is_grad_enabled()):
-                image_embeddings = self.sam.image_encoder(sam_images)
-        low_res = self.decode_masks(image_embeddings, prompts)
-        return SSPSAMOutput(self.postprocess_logits(low_res), low_res, box, prompts, visual_out)
+        return self.prompt_generator(fused, box_only=box_only)
 
-    def decode_masks(self, image_embeddings: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    def image_embeddings(self, image_embeddings: torch.Tensor | None, sam_images: torch.Tensor | None
+                         ) -> torch.Tensor:
+        """The given SAM image embeddings, or those of ``sam_images`` (with a gradient when the encoder trains)."""
+        if image_embeddings is not None:
+            return image_embeddings
+        if sam_images is None:
+            raise ValueError("give image_embeddings or sam_images")
+        with torch.set_grad_enabled(self.spec.train_sam_encoder and self.training and torch.is_grad_enabled()):
+            return self.sam.image_encoder(sam_images)
+
+    def decode_masks(self, image_embeddings: torch.Tensor, prompts: torch.Tensor | None,
+                     points: tuple[torch.Tensor, torch.Tensor] | None = None, boxes: torch.Tensor | None = None,
+                     mask_input: torch.Tensor | None = None) -> torch.Tensor:
         """SAM's mask decoder with the prompts as sparse embeddings and the no-mask dense embedding; mask token 0
         (``multimask_output=False``). Returns low-res logits (B, 1, 4h, 4w).
 
@@ -137,13 +158,29 @@ class SSPSAM(nn.Module):
         the image embedding per set), so the official code loops over samples. This is the same computation with a
         batch of (image, prompt set) pairs, using the decoder's own modules; only mask token 0 is decoded since the
         others and the IoU head are discarded (the golden check holds it to the official numbers).
+
+        Interactive prompts go through SAM's own ``PromptEncoder`` (in every official checkpoint): ``points``
+        ((B, N, 2) xy in the SAM input frame, (B, N) labels 1 positive / 0 negative / -1 padding), ``boxes`` ((B, 4)
+        xyxy, same frame) and ``mask_input`` ((B, 1, 4h, 4w) logits of an earlier step, the dense prompt). Their
+        sparse tokens follow the sentence's prompt tokens; ``prompts=None`` with clicks or a box is plain SAM.
+        Without any of them the computation is exactly the sentence-only one above.
         """
         dec = self.sam.mask_decoder
         pe = self.sam.prompt_encoder
         b = image_embeddings.shape[0]
         output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-        tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), prompts), dim=1)
-        src = image_embeddings + pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        tokens = [output_tokens.unsqueeze(0).expand(b, -1, -1)]
+        if prompts is not None:
+            tokens.append(prompts)
+        if points is None and boxes is None and mask_input is None:
+            if prompts is None:
+                raise ValueError("no prompt: give a sentence, clicks, a box or a previous mask")
+            src = image_embeddings + pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        else:
+            sparse, dense = pe(points, boxes, mask_input)
+            tokens.append(sparse.to(output_tokens.dtype))
+            src = image_embeddings + dense.to(image_embeddings.dtype)
+        tokens = torch.cat(tokens, dim=1)
         pos_src = pe.get_dense_pe().expand(b, -1, -1, -1)
         _, c, h, w = src.shape
         hs, src = dec.transformer(src, pos_src, tokens)
