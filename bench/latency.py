@@ -1,6 +1,7 @@
 """Inference latency of the predictor, per variant and per attention / compile setting, side by side: first sentence
 on a new image (SAM + CLIP image encoders run), a new sentence on a cached image (text tower, prompt encoder and mask
-decoder only), and batched throughput (new images encoded in batches).
+decoder only), an interactive click on a cached image after that sentence (sentence + clicks, the previous mask as
+dense prompt) and a plain SAM click there, and batched throughput (new images encoded in batches).
 
 Usage: python bench/latency.py [--variants demo ssp-sam-224-vit-b] [--device cpu|cuda] [--dtype auto]
                                [--sdpa on off] [--compile off on] [--repeat 3] [--batch 8] [--size 640x480]
@@ -80,7 +81,8 @@ def bench(variant: str, device: str, dtype: str, repeat: int, batch: int, size: 
     w, h = size
     rng = np.random.RandomState(0)
     new_image = lambda: rng.randint(0, 255, (h, w, 3)).astype(np.uint8)  # noqa: E731
-    rows = {k: {"cold": [], "warm": [], "cold_stages": [], "warm_stages": []} for k in models}
+    rows = {k: {"cold": [], "warm": [], "click": [], "click_only": [], "cold_stages": [], "warm_stages": [],
+                "click_stages": []} for k in models}
     for (sdpa, compiled), pred in models.items():                # one-off costs (and compiling) out of the way
         use_sdpa(pred.model, sdpa)
         pred.predict(new_image(), "warm up")
@@ -91,9 +93,18 @@ def bench(variant: str, device: str, dtype: str, repeat: int, batch: int, size: 
             s, st = _timed(lambda: pred.predict(img, f"the red circle number {i}"), base.device)
             rows[(sdpa, compiled)]["cold"].append(s)
             rows[(sdpa, compiled)]["cold_stages"].append(st)
-            s, st = _timed(lambda: pred.predict(img, f"the blue square on the left {i}"), base.device)
+            sentence = f"the blue square on the left {i}"
+            s, st = _timed(lambda: pred.predict(img, sentence), base.device)
             rows[(sdpa, compiled)]["warm"].append(s)
             rows[(sdpa, compiled)]["warm_stages"].append(st)
+            first = pred.predict_interactive(img, sentence)         # the session's sentence step (not timed)
+            clicks, labels = [[w * 0.3, h * 0.4], [w * 0.6, h * 0.5]], [1, 0]
+            s, st = _timed(lambda: pred.predict_interactive(img, sentence, clicks, labels,
+                                                            mask_input=first.low_res_logits), base.device)
+            rows[(sdpa, compiled)]["click"].append(s)
+            rows[(sdpa, compiled)]["click_stages"].append(st)
+            s, _ = _timed(lambda: pred.predict_interactive(img, None, clicks[:1], labels[:1]), base.device)
+            rows[(sdpa, compiled)]["click_only"].append(s)
     out = []
     for (sdpa, compiled), pred in models.items():
         use_sdpa(pred.model, sdpa)
@@ -104,7 +115,10 @@ def bench(variant: str, device: str, dtype: str, repeat: int, batch: int, size: 
         out.append(dict(variant=variant, device=str(base.device), dtype=str(base.dtype).replace("torch.", ""),
                         sdpa=sdpa, compile=compiled, image=f"{w}x{h}", repeat=repeat,
                         cold_ms=1000 * statistics.median(r["cold"]), warm_ms=1000 * statistics.median(r["warm"]),
+                        click_ms=1000 * statistics.median(r["click"]),
+                        click_only_ms=1000 * statistics.median(r["click_only"]),
                         cold_ms_all=[1000 * v for v in r["cold"]], warm_ms_all=[1000 * v for v in r["warm"]],
+                        click_ms_all=[1000 * v for v in r["click"]], click_stages_ms=_median_stages(r["click_stages"]),
                         cold_stages_ms=_median_stages(r["cold_stages"]),
                         warm_stages_ms=_median_stages(r["warm_stages"]), batch=batch, images_per_s=batch / s))
     return out
@@ -132,13 +146,15 @@ def main(argv=None) -> int:
     print(f"machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, gpu: {m.get('gpu', 'none')}")
     results = []
     print("| variant | device | dtype | SDPA | compile | new image + sentence (ms) | new sentence, cached image (ms) "
+          "| click after the sentence, cached image (ms) | plain SAM click (ms) "
           "| SAM encoder (ms) | CLIP image (ms) | images/s (batch) |")
-    print("|---|---|---|---|---|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for v in args.variants:
         for r in bench(v, args.device, args.dtype, args.repeat, args.batch, size, settings):
             results.append(r)
             print(f"| {r['variant']} | {r['device']} | {r['dtype']} | {'on' if r['sdpa'] else 'off'} | "
                   f"{'on' if r['compile'] else 'off'} | {r['cold_ms']:.0f} | {r['warm_ms']:.0f} | "
+                  f"{r['click_ms']:.1f} | {r['click_only_ms']:.1f} | "
                   f"{r['cold_stages_ms'].get('sam_encoder', 0):.0f} | {r['cold_stages_ms'].get('clip_vision', 0):.0f} "
                   f"| {r['images_per_s']:.2f} |", flush=True)
     print(f"wrote {write_json(args.out, {'results': results})}")

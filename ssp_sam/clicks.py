@@ -19,7 +19,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from scipy.ndimage import distance_transform_edt   # exact Euclidean distance transform; nothing in torch has one
 
 from .transforms import resized_hw
 
@@ -53,6 +52,11 @@ def next_click(pred: np.ndarray, gt: np.ndarray, rng: random.Random | None = Non
 
 
 def _depth(region: np.ndarray) -> np.ndarray:
+    """Distance of each pixel of ``region`` to its nearest pixel outside it (or outside the picture)."""
+    # scipy's exact Euclidean distance transform (nothing in torch or torchvision has one); imported here so the
+    # server, which never simulates clicks, does not load scipy
+    from scipy.ndimage import distance_transform_edt
+
     if not region.any():
         return np.zeros(region.shape, dtype=np.float32)
     return distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1].astype(np.float32)

@@ -73,6 +73,16 @@ class _TextFeatures:
         return sum(t.element_size() * t.nelement() for t in (self.ids, self.words, self.sentence))
 
 
+@dataclass
+class _Prompts:
+    box: torch.Tensor           # (1, 4) REG-token box
+    prompts: torch.Tensor       # (1, P, D) the sentence's prompt tokens on one picture
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.nelement() for t in (self.box, self.prompts))
+
+
 class _InFlight:
     """An image whose features one thread is computing; the others wait for it instead of computing them again."""
 
@@ -156,6 +166,10 @@ class SSPSAMPredictor:
         # text features by sentence, bounded in bytes too: one sentence's word tokens are 77 x 512 floats (158 KB)
         # for CLIP B/16, so a bound by count would let thousands of sentences take hundreds of MB
         self.text_cache = ByteLRU(text_cache_bytes)
+        # the sentence's prompt tokens by (picture, sentence): the clicks of an interactive session that follow a
+        # sentence re-run only SAM's prompt encoder and the mask decoder (128 x 256 floats, 128 KB, per entry for
+        # the official variants)
+        self.prompt_cache = ByteLRU(8 * 2**20)
         self._model_lock = threading.Lock()
         self._inflight: dict[str, _InFlight] = {}
         self._inflight_lock = threading.Lock()
@@ -332,7 +346,8 @@ class SSPSAMPredictor:
             labels = np.ones(len(points), np.float32) if labels is None else np.asarray(labels, np.float32)
             if labels.shape != (len(points),):
                 raise ValueError(f"{len(points)} points but {labels.size} labels")
-        fe = self._image_features([self._ref(image)], 1)[0]
+        ref = self._ref(image)
+        fe = self._image_features([ref], 1)[0]
         text = self._text_features([str(sentence)])[0] if sentence else None
         size = self.spec.sam_image_size
         with stage("decoder"):
@@ -351,15 +366,26 @@ class SSPSAMPredictor:
                 emb = fe.embedding[None].to(dev)
                 prompts = reg_box = None
                 if text is not None:
-                    ids, words, sent = (t[None].to(dev) for t in text)
-                    reg_box, prompts, _ = self.model.encode_prompts(ids, image_tokens=fe.tokens[None].to(dev),
-                                                                    text_features=(words, sent))
+                    reg_box, prompts = self._sentence_prompts(ref.key, str(sentence), fe, text)
                 low = self.model.decode_masks(emb, prompts, points=pts, boxes=bx, mask_input=mi)
                 logits = self.model.postprocess_logits(low).float()[0, 0]
         with stage("upsample"), torch.inference_mode():
             pred = self._finish(logits, None if reg_box is None else reg_box[0].float().cpu(), fe)
         pred.low_res_logits = low[0].float().cpu().numpy()
         return pred
+
+    def _sentence_prompts(self, image_key: str, sentence: str, fe: _ImageFeatures, text
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(REG box (1, 4), prompt tokens (1, P, D)) of a sentence on a picture, cached (``prompt_cache``)."""
+        key = (image_key, sentence)
+        hit = self.prompt_cache.get(key)
+        if hit is not None:
+            return hit.box.to(self.device), hit.prompts.to(self.device)
+        ids, words, sent = (t[None].to(self.device) for t in text)
+        box, prompts, _ = self.model.encode_prompts(ids, image_tokens=fe.tokens[None].to(self.device),
+                                                    text_features=(words, sent))
+        self.prompt_cache.put(key, _Prompts(box.float().cpu(), prompts.float().cpu()))
+        return box, prompts
 
     def _finish(self, frame_logits: torch.Tensor, box: torch.Tensor | None, fe: _ImageFeatures) -> Prediction:
         """Logits in the padded frame (on the model's device) -> the mask at the original size. The upsampling and
@@ -385,7 +411,8 @@ class SSPSAMPredictor:
                           frame_logits=frame_logits.cpu().numpy().astype(np.float32, copy=False))
 
     def cache_stats(self) -> dict[str, Any]:
-        return {"image_cache": self.image_cache.stats(), "text_cache": self.text_cache.stats()}
+        return {"image_cache": self.image_cache.stats(), "text_cache": self.text_cache.stats(),
+                "prompt_cache": self.prompt_cache.stats()}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -139,12 +139,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                      freeze_decoder_epochs=0, clip_grad=1.0, aug_translate=True, patch_head_fit_steps=200,
                      seed=3407, eval_batch_size=16, save_checkpoints=False, progress=False, log_every=10 ** 9),
     # Click training of the packaged demo (docs/training.md, "Clicks"): from the demo bundle, its encoders frozen,
-    # the sentence loss of every step plus one simulated click chain; SAM's prompt encoder (random in the demo) and
-    # the decoder at the higher lr, the sentence path gently. `python bench/train_demo_clicks.py`.
+    # the demo's sentence objective (its referent-patch loss included, the head first fitted as a probe) on every
+    # step plus one simulated click chain; SAM's prompt encoder (random in the demo) and the decoder at the higher
+    # lr, the sentence path gently. `python bench/train_demo.py --preset demo-clicks`.
     "demo-clicks": dict(variant="demo", train_data="synthetic:12000:seed=0", val_data="synthetic:300:seed=1",
                         train_clip=False, train_sam_encoder=False, click_sim=True, epochs=20, batch_size=16,
                         lr=2e-5, lr_decoder=2e-4, lr_min=1e-6, warmup_epochs=0.05, schedule="time",
                         time_limit_min=15.0, freeze_decoder_epochs=0, clip_grad=1.0, aug_translate=False,
+                        patch_loss_weight=20.0, patch_head_fit_steps=200,
                         out_dir="runs/demo-clicks", eval_batch_size=32, log_every=50, threads=2),
     # A few CPU seconds: tests.
     "tiny": dict(variant="tiny", train_data="synthetic:32", val_data="synthetic:16:seed=1", epochs=1,
@@ -501,7 +503,7 @@ def wrap_for_epoch(run: Run, epoch: int) -> None:
     decoder_on = epoch >= run.cfg.freeze_decoder_epochs and not run.cfg.box_only
     if run.wrapped_for == decoder_on:
         return
-    set_trainable(run.objective.model, train_mask_decoder=decoder_on)
+    set_trainable(run.objective.model, train_mask_decoder=decoder_on, train_prompt_encoder=run.cfg.click_sim)
     run.ddp = run.objective
     if run.world > 1:
         run.ddp = None  # drop the previous wrapper (and its gradient hooks) before building the next one

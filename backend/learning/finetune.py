@@ -78,6 +78,8 @@ class FinetuneConfig:
     min_heldout: int = opt(2, "a round needs this many held-out samples to validate")
     patch_loss_weight: float | None = opt(None, "weight of the auxiliary referent-patch loss (default: the weight the "
                                                 "start model was trained with, from its bundle; 0 for official weights)")
+    click_sim: bool | None = opt(None, "train with simulated clicks too, so the round keeps the model's click "
+                                       "ability (default: what the start model was trained with, from its bundle)")
     curve_every: int = opt(1, "score held-out mIoU every this many epochs for the report's curve (0: off)")
     lease_s: float = opt(300.0, "claim lease in seconds, renewed every third of it while the round runs (a trainer "
                                 "that dies frees its samples within this; at once for the next trainer on its host)")
@@ -145,10 +147,19 @@ def round_patch_loss_weight(cfg: FinetuneConfig, loaded) -> float:
     return float(((loaded.meta or {}).get("train_config") or {}).get("patch_loss_weight") or 0.0)
 
 
+def round_click_sim(cfg: FinetuneConfig, loaded) -> bool:
+    """The configured choice, else whether the start model was trained with simulated clicks (a round keeps the
+    ability: the click-trained demo, and every version published from it, carry ``click_sim`` in their bundle)."""
+    if cfg.click_sim is not None:
+        return bool(cfg.click_sim)
+    return bool(((loaded.meta or {}).get("train_config") or {}).get("click_sim"))
+
+
 def round_train_config(cfg: FinetuneConfig, loaded, run_dir: Path) -> TrainConfig:
     """The round's TrainConfig: ``cfg.train`` for this start model, on the model's device."""
     return dataclasses.replace(cfg.train, variant=loaded.spec.name, train_data="", val_data="",
-                               patch_loss_weight=round_patch_loss_weight(cfg, loaded), device=str(loaded.device),
+                               patch_loss_weight=round_patch_loss_weight(cfg, loaded),
+                               click_sim=round_click_sim(cfg, loaded), device=str(loaded.device),
                                out_dir=str(run_dir / "train"))
 
 
@@ -302,7 +313,7 @@ def _skip_round(store, run_id: str, trainer_id: str, claim, reason: str, report:
 
 def _train_and_evaluate(cfg: FinetuneConfig, store, plan: dict, run_dir: Path, report: dict) -> dict:
     """Score the start model on the held-out samples, fine-tune it on the training samples, score it again."""
-    from ssp_sam.evaluate import evaluate_model
+    from ssp_sam.evaluate import evaluate_clicks, evaluate_model
     from ssp_sam.train import train
 
     loaded, parent = load_start_model(cfg)
@@ -315,8 +326,16 @@ def _train_and_evaluate(cfg: FinetuneConfig, store, plan: dict, run_dir: Path, r
         return _finite(evaluate_model(model, tok, held_set, batch_size=tcfg.eval_batch_size, by_kind=by_kind,
                                       original_resolution=original_resolution))
 
+    def clicks() -> dict:
+        """Held-out IoU after 0..3 simulated clicks (sentence then clicks; clicks only): the ability a round keeps."""
+        c = evaluate_clicks(model, tok, held_set, max_clicks=3, report=(0, 1, 2, 3),
+                            batch_size=tcfg.eval_batch_size)
+        return _finite({k: v for k, v in c.items() if "/IoU@" in k})
+
     t = time.time()
     before = heldout()
+    if tcfg.click_sim:
+        report["clicks_before"] = clicks()
     report["eval_s"] = round(time.time() - t, 2)
     curve = [{"epoch": 0, "heldout_mIoU": before["mIoU"]}]
 
@@ -331,6 +350,8 @@ def _train_and_evaluate(cfg: FinetuneConfig, store, plan: dict, run_dir: Path, r
     res = train(tcfg, model=model, tokenizer=tok, train_set=train_set, val_set=None, on_epoch_end=on_epoch_end)
     report.update(train_s=round(time.time() - t, 2), steps=res.steps)
     after = heldout()
+    if tcfg.click_sim:
+        report["clicks_after"] = clicks()
     report.update(before=before, after=after, delta_mIoU_points=round((after["mIoU"] - before["mIoU"]) * 100, 2),
                   curve=curve, history=[_finite(h) for h in res.history])
     return {"before": before, "after": after, "model": res.model, "tokenizer": tok, "parent": parent,

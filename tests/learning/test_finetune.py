@@ -16,7 +16,7 @@ from tests.payloads import annotation_event
 from backend.learning.datastore import open_datastore
 from backend.learning import versions
 from backend.learning.finetune import (FinetuneConfig, config_from_args, is_heldout, register_cli,
-                                       round_patch_loss_weight, run_once, split_samples, watch)
+                                       round_click_sim, round_patch_loss_weight, run_once, split_samples, watch)
 from ssp_sam.build import ModelConfig
 from ssp_sam.train import config_from_preset
 
@@ -150,6 +150,34 @@ def test_patch_loss_weight_is_the_start_models_own():
     assert round_patch_loss_weight(FinetuneConfig(), official_like) == 0.0
     assert round_patch_loss_weight(FinetuneConfig(patch_loss_weight=0), demo) == 0.0
     assert round_patch_loss_weight(FinetuneConfig(patch_loss_weight=5), official_like) == 5.0
+
+
+def test_a_click_trained_start_model_keeps_training_with_clicks(tmp_path, tiny_bundle, requests_mock, monkeypatch):
+    """A round keeps the start model's click ability: ``click_sim`` comes from its bundle (a configured value wins),
+    and the round's report has held-out IoU after 0..3 simulated clicks, before and after."""
+    from ssp_sam.build import load_model
+    from ssp_sam.checkpoints import save_bundle
+
+    tiny = load_model(ModelConfig(variant="tiny", checkpoint=tiny_bundle, device="cpu"))
+    clicky = save_bundle(tiny.model, tiny.tokenizer, tmp_path / "clicky.pt",
+                         meta={"train_config": {"click_sim": True}})
+    loaded = load_model(ModelConfig(variant="tiny", checkpoint=str(clicky), device="cpu"))
+    assert round_click_sim(FinetuneConfig(), loaded) is True
+    assert round_click_sim(FinetuneConfig(), tiny) is False
+    assert round_click_sim(FinetuneConfig(click_sim=False), loaded) is False
+
+    store = open_datastore(None, tmp_path)
+    ingest(store, requests_mock, _synthetic(10, seed=3, min_size=48, max_size=64))
+    rep = run_once(_cfg(tmp_path, str(clicky), tolerance=1.0), store=store)
+    assert rep["decision"] == "published", rep.get("reason")
+    report = json.loads((tmp_path / "runs" / rep["run_id"] / "report.json").read_text())
+    assert report["train_config"]["click_sim"] is True
+    for key in ("clicks_before", "clicks_after"):
+        assert set(report[key]) >= {"sentence+clicks/IoU@3", "clicks/IoU@1"}
+    published = load_model(ModelConfig(variant="tiny", checkpoint=str(versions.bundle_path(tmp_path, rep["version"])),
+                                       device="cpu"))
+    assert round_click_sim(FinetuneConfig(), published) is True      # and so does the next round
+    store.close()
 
 
 def test_options_come_from_the_environment_then_the_command_line(tmp_path):

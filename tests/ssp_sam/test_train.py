@@ -27,7 +27,7 @@ def _cfg(tmp_path, **kw):
 def test_param_groups_and_view():
     model = build_model("tiny", seed=0)
     groups = param_groups(model, TrainConfig(lr=1e-4, lr_decoder=1e-5))
-    dec = {id(p) for p in model.sam.mask_decoder.parameters()}
+    dec = {id(p) for m in (model.sam.mask_decoder, model.sam.prompt_encoder) for p in m.parameters()}
     assert groups[1]["lr"] == 1e-5 and {id(p) for p in groups[1]["params"]} == dec
     assert not any(id(p) in dec for p in groups[0]["params"])
     view = TrainView(TRAIN, model.spec, augment=True, seed=0)

@@ -58,3 +58,22 @@ def test_eval_cli_writes_json(tmp_path, capsys):
     assert out["metrics"]["n"] == 5 and 0 <= out["metrics"]["mIoU"] <= 1
     printed = capsys.readouterr().out
     assert "mIoU" in printed and "original resolution" in printed
+
+
+def test_eval_cli_with_clicks(tmp_path, capsys):
+    from ssp_sam import evaluate
+
+    model = build_model("tiny", seed=0)
+    path = save_bundle(model, load_tokenizer(model.spec), tmp_path / "tiny.pt")
+    parser = argparse.ArgumentParser()
+    evaluate.register_cli(parser.add_subparsers())
+    args = parser.parse_args(["eval", "--variant", "tiny", "--checkpoint", str(path), "--data", "synthetic:6:seed=3",
+                              "--out", str(tmp_path / "m.json"), "--device", "cpu", "--clicks", "5"])
+    assert args.func(args) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    for key in ("clicks/sentence/mIoU", "clicks/clicks/IoU@5", "clicks/sentence+clicks/NoC@85",
+                "clicks/clicks/NoC@90"):
+        assert key in metrics
+    assert 0 <= metrics["clicks/clicks/NoC@90"] <= 5
+    printed = capsys.readouterr().out
+    assert "NoC@85" in printed and "sentence+clicks" in printed
