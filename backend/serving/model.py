@@ -169,7 +169,7 @@ class SSPSAMBackend:
         except Exception as exc:         # a model or result-building failure: the reason is in the log
             logger.exception("task id %s: the interactive prediction failed", _task_id(task))
             result = self.failed(version, task, f"prediction failed: {type(exc).__name__}", logged=True)
-        message = _interactive_message([result], [], "no object found for these clicks")
+        message = _interactive_message([result], [], "no object found for these clicks or this box")
         return ModelResponse(predictions=[result], model_version=version, message=message)
 
     def _prompt_result(self, spec: LabelingSpec, served, task: Any, context: dict, items: PromptItems) -> dict:
@@ -204,7 +204,8 @@ class SSPSAMBackend:
         score = float(getattr(pred, "score", 0.0) or 0.0)
         if bool(getattr(pred, "no_target", False)) or not mask.any():
             rt.metrics.inc("no_target")
-            what = f"'{sentence}' with these clicks" if sentence else "these clicks"
+            what = " and ".join(x for x in ("these clicks" if plan.clicks else "", "this box" if plan.box else "") if x)
+            what = f"'{sentence}' with {what}" if sentence else what
             return {"result": [], "score": 0.0, "model_version": version,
                     "message": "; ".join([f"no object found for {what}", *notes])}
         label = prompt_label(spec, prompts, label_for_sentence(spec, sentence) if sentence else None)
