@@ -222,3 +222,36 @@ def test_bitmask_config_answers_bitmask_regions(client, picture, predictor):
         assert region["type"] == "bitmasklabels" and region["from_name"] == "tag"
     left = mask_of([x for x in r.get_json()["results"][0]["result"] if x["type"] == "bitmasklabels"][0])
     assert left[:, :W // 2].all() and not left[:, W // 2:].any()
+
+
+def test_with_the_real_predictor_the_session_mask_reaches_sams_dense_prompt(make_app, ls_media):
+    """The tiny model (untrained) behind the app: a typed sentence, then two clicks as LS sends them. Each click call
+    is answered by ``predict_interactive`` on the task's picture, the second one with the first one's low-res logits
+    as ``mask_input``; the answers are well-formed regions or one empty result."""
+    from ssp_sam.build import ModelConfig, load_model
+    from ssp_sam.predictor import SSPSAMPredictor
+
+    real = SSPSAMPredictor(load_model(ModelConfig(variant="tiny", device="cpu")))
+    seen = []
+    original = real.predict_interactive
+
+    def recording(image, sentence=None, **kw):
+        pred = original(image, sentence, **kw)
+        seen.append((sentence, kw.get("mask_input"), pred.low_res_logits))
+        return pred
+
+    real.predict_interactive = recording
+    client = make_app(predictor_factory=lambda c, ckpt: real, INTERACTIVE_MASK_PROMPT="true").test_client()
+    picture = ls_media("a.png", png_bytes(W, H, color=(10, 200, 40)))
+    t = task(1, picture)
+    interactive(client, [t], textarea_item("the green square"))
+    k1, k2 = keypoint_item(30, 40, w=W, h=H), keypoint_item(70, 60, positive=False, w=W, h=H, rid="k2")
+    bodies = [interactive(client, [t], k1), interactive(client, [t], k1, k2)]
+    (s0, in0, out0), (s1, in1, out1), (s2, in2, _) = seen
+    assert s0 == s1 == s2 == "the green square" and in0 is None
+    assert in1 is out0 and in2 is out1 and out1.ndim == 3
+    for body in bodies:
+        res = body["results"][0]
+        assert set(res) >= {"result", "score", "model_version"}
+        for region in regions(body):
+            assert (region["original_width"], region["original_height"]) == (W, H) and mask_of(region).shape == (H, W)
