@@ -32,8 +32,8 @@ from backend.labelstudio.label_config import LabelingSpec, parse_label_config
 from backend.labelstudio.media import MediaError
 from backend.labelstudio.prompts import (collect_prompts, context_sentences, is_interactive, label_for_sentence,
                                          task_sentences)
-from backend.labelstudio.sam_prompts import PromptError, PromptItems, prompt_items, prompt_label, sam_prompts
 from backend.labelstudio.protocol import project_id_of
+from backend.labelstudio.sam_prompts import PromptError, PromptItems, prompt_items, prompt_label, sam_prompts
 from backend.logs import loggable
 from backend.weights import WeightsMissing, WeightsNotReady
 from ssp_sam.timing import stage
@@ -195,6 +195,10 @@ class SSPSAMBackend:
                                              labels=labels if len(points) else None, box=plan.box,
                                              mask_input=mask_input)
         rt.sessions.answered(key, plan, sentence, getattr(pred, "low_res_logits", None), mask_input)
+        logger.info("interactive: task id %s: %d click(s) (%d negative), %s, %s, %s session%s", _task_id(task),
+                    len(plan.clicks), sum(not c.positive for c in plan.clicks), "a box" if plan.box else "no box",
+                    "a sentence" if sentence else "no sentence", "continued" if plan.continued else "new",
+                    ", previous mask as dense prompt" if mask_input is not None else "")
         rt.metrics.inc("interactive_prompts")
         rt.metrics.inc("tasks")
         mask = np.asarray(pred.mask, dtype=bool)

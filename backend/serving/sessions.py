@@ -17,7 +17,8 @@ sentence, or every smart click of one label, or every smart box of one label: ``
   repeats the session's prompts exactly gets the dense prompt the session's answer was computed with (the same answer).
 
 Sessions live in a ``ssp_sam.predictor.ByteLRU`` bounded in bytes (the logits are 1 x 256 x 256 float32, 256 KB,
-for SAM's 1024-pixel input); the least recently used are dropped.
+for SAM's 1024-pixel input); the least recently used are dropped. It is made on first use: ``ssp_sam.predictor``
+imports torch, which neither the gunicorn master nor a worker that has not predicted yet loads.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
+import threading
 
-from ssp_sam.predictor import ByteLRU
+import numpy as np
 
 SESSIONS_BYTES = 32 * 2**20            # about 120 sessions with logits
 _ENTRY_BYTES = 512                     # what an entry costs besides its arrays, roughly
@@ -75,7 +76,18 @@ def _extends(new: tuple, old: tuple) -> bool:
 class InteractiveSessions:
     def __init__(self, max_bytes: int = SESSIONS_BYTES, mask_prompt: bool = False) -> None:
         self.mask_prompt = bool(mask_prompt)
-        self._lru = ByteLRU(max_bytes)
+        self.max_bytes = int(max_bytes)
+        self._made = None
+        self._lock = threading.Lock()
+
+    @property
+    def _lru(self):
+        if self._made is None:
+            with self._lock:
+                if self._made is None:
+                    from ssp_sam.predictor import ByteLRU
+                    self._made = ByteLRU(self.max_bytes)
+        return self._made
 
     def sentence_typed(self, key, sentence: str) -> None:
         """A call with only a typed sentence: a new session."""
@@ -111,10 +123,12 @@ class InteractiveSessions:
                                    used if keep else None))
 
     def stats(self) -> dict:
-        return self._lru.stats()
+        if self._made is None:
+            return {"items": 0, "bytes": 0, "max_bytes": self.max_bytes, "hits": 0, "misses": 0, "evictions": 0}
+        return self._made.stats()
 
     def __len__(self) -> int:
-        return len(self._lru)
+        return 0 if self._made is None else len(self._made)
 
 
 __all__ = ["SESSIONS_BYTES", "Session", "Plan", "InteractiveSessions"]

@@ -92,3 +92,16 @@ def test_sessions_are_bounded_in_bytes():
     assert len(s) == 3 and s.stats()["bytes"] <= 3 * one and s.stats()["evictions"] >= 7
     assert not s.plan(("v1", 1, 0, "p"), None, (C1, C2), ()).continued      # the oldest is gone
     assert s.plan(("v1", 1, 9, "p"), None, (C1, C2), ()).continued
+
+
+def test_made_without_torch_until_used():
+    """The gunicorn master and an idle worker never load torch (tests/serving/test_gunicorn.py): the LRU, which lives
+    in ssp_sam.predictor, is made on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from backend.serving.sessions import InteractiveSessions; s = InteractiveSessions(); "
+            "assert s.stats()['items'] == 0 and len(s) == 0; assert 'torch' not in sys.modules; "
+            "s.sentence_typed(('v', 1, 2, 'p'), 'x'); assert 'torch' in sys.modules and len(s) == 1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
