@@ -101,7 +101,7 @@ def prompt_items(spec: LabelingSpec, context: Any) -> PromptItems:
         if to_name is not None and to_name != spec.image_name:
             notes.append(f"{_describe(item)} is on image '{_name(to_name)[:60]}', not on '{spec.image_name}': "
                          "ignored")
-        elif controls.get(from_name) != want:
+        elif not isinstance(from_name, str) or controls.get(from_name) != want:
             notes.append(f"{_describe(item)} comes from '{_name(from_name)[:60]}', which is no "
                          f"{'RectangleLabels' if want == 'box' else 'KeyPointLabels'} control on image "
                          f"'{spec.image_name}' in the labeling config: ignored")

@@ -78,6 +78,11 @@ def test_items_of_another_image_or_control_are_left_out_with_a_note():
     assert prompt_items(SPEC, {"result": [item]}).clicks
     assert not prompt_items(parse_label_config(LABEL_CONFIG), {"result": [keypoint_item(1, 1, w=W, h=H)]})
     assert not prompt_items(SPEC, None) and not prompt_items(SPEC, {"result": "x"})
+    # names that are no strings (a hand-made or hostile context): left out, never an exception
+    odd = [{**keypoint_item(1, 1, w=W, h=H), "from_name": ["kp"]}, {**keypoint_item(1, 1, w=W, h=H), "from_name": {}},
+           {**keypoint_item(1, 1, w=W, h=H), "to_name": {"a": 1}}, {**keypoint_item(1, 1, w=W, h=H), "type": None}]
+    items = prompt_items(SPEC, {"result": odd})
+    assert not items and len(items.notes) == 3
 
 
 @pytest.mark.parametrize("item,fragment", [
