@@ -162,6 +162,8 @@ class BackendConfig:
     torch_compile: bool = False                   # TORCH_COMPILE (torch.compile the image encoders at load)
     server_timing: bool = False                   # SERVER_TIMING (Server-Timing header with /predict's stages)
     reload_interval_s: float = 2.0                # RELOAD_INTERVAL_S (how often the version pointer is checked)
+    interactive_mask_prompt: bool = False         # INTERACTIVE_MASK_PROMPT (a click refining an interactive session
+                                                  # gives SAM the session's last mask as its dense prompt)
     # --- prompts ---
     prompt_fields: tuple = DEFAULT_PROMPT_FIELDS  # PROMPT_FIELDS (comma-separated task data keys)
     # --- media ---
@@ -235,6 +237,7 @@ class BackendConfig:
             torch_compile=_bool(env, "TORCH_COMPILE", False),
             server_timing=_bool(env, "SERVER_TIMING", False),
             reload_interval_s=_float(env, "RELOAD_INTERVAL_S", 2.0, minimum=0.0),
+            interactive_mask_prompt=_bool(env, "INTERACTIVE_MASK_PROMPT", False),
             prompt_fields=prompt_fields,
             media_cache_dir=_get(env, "MEDIA_CACHE_DIR"),
             media_cache_mb=_int(env, "MEDIA_CACHE_MB", 1024, minimum=1),

@@ -12,7 +12,7 @@ process or sharded across processes and GPUs with ``torchrun``.
    stopped. The others, sorted by id, are dealt out: rank r takes the r-th, (r + world)-th, ... of them, so the ranks
    get equal shares of what is left (however an earlier run left it) and finish together.
 3. Each rank predicts its tasks in batches with the backend's own task -> regions code
-   (:meth:`backend.serving.model.SSPSAMBackend.prepare` and ``predict_prepared``: the same sentences, labels, brush
+   (:meth:`backend.serving.model.SSPSAMBackend.prepare` and ``predict_prepared``: the same sentences, labels, mask
    regions, score and ``model_version`` as ``/predict``; the SAM and CLIP image encoders run batched across a batch's
    images). A thread pool downloads and decodes the next tasks while the model works (at most ``2 x batch`` images
    ahead), and one upload thread stores each batch's predictions through the SDK while the model works on the next.
@@ -40,6 +40,7 @@ from datetime import timedelta
 from typing import Any, Callable, Optional
 
 from backend.config import BackendConfig, ConfigError
+from backend.labelstudio.brush import MASK_TYPES
 from backend.labelstudio.label_config import LabelConfigError, LabelingSpec, parse_label_config
 from backend.labelstudio.media import MediaFetcher
 from backend.labelstudio.project import LabelStudioProject, LabelStudioUnavailable, ProjectTask
@@ -76,7 +77,7 @@ class Summary:
     done: int = 0                  # predictions stored by this run
     skipped: int = 0               # tasks that already held a prediction of model_version
     failed: dict = field(default_factory=dict)   # task id -> reason
-    regions: int = 0               # brush regions in the stored predictions
+    regions: int = 0               # mask regions (brush or bitmask) in the stored predictions
     empty: int = 0                 # stored predictions without a region (the model found nothing)
     elapsed_s: float = 0.0         # the whole run: connection, listing, model load, predictions
     pipeline_s: float = 0.0        # downloads, model and uploads only (the first task's download to the last upload)
@@ -205,7 +206,7 @@ class Prelabeler:
             if reason is not None:
                 self._fail(p["task"], reason)
                 continue
-            regions = sum(1 for r in p["result"] if r.get("type") == "brushlabels")
+            regions = sum(1 for r in p["result"] if r.get("type") in MASK_TYPES)
             self.summary.done += 1
             self.summary.regions += regions
             self.summary.empty += regions == 0

@@ -22,6 +22,42 @@ LABEL_CONFIG = (
     '<BrushLabels name="tag" toName="image"><Label value="object"/><Label value="circle"/></BrushLabels></View>'
 )
 
+# the README's interactive config (a sentence TextArea, the mask control, smart clicks and boxes on the same image),
+# with a second label
+INTERACTIVE_CONFIG = (
+    '<View><Image name="image" value="$image"/>'
+    '<TextArea name="prompt" toName="image" editable="true" rows="1"/>'
+    '<BrushLabels name="tag" toName="image"><Label value="object"/><Label value="circle"/></BrushLabels>'
+    '<KeyPointLabels name="kp" toName="image" smart="true"><Label value="object"/><Label value="circle"/>'
+    '<Label value="other"/></KeyPointLabels>'
+    '<RectangleLabels name="box" toName="image" smart="true"><Label value="object"/><Label value="circle"/>'
+    '</RectangleLabels></View>'
+)
+
+
+def keypoint_item(x: float, y: float, positive: bool = True, label: str = "object", *, w: int, h: int,
+                  rid: str = "kp1", from_name: str = "kp", to_name: str = "image") -> dict:
+    """A smart KeyPointLabels click as LS 1.23.2's editor sends it in an interactive context (``x``, ``y`` in % of
+    the picture as displayed; Alt-click: ``positive=False``)."""
+    return {"id": rid, "from_name": from_name, "to_name": to_name, "type": "keypointlabels", "origin": "manual",
+            "original_width": w, "original_height": h, "image_rotation": 0, "is_positive": positive,
+            "value": {"x": x, "y": y, "width": 0.5, "keypointlabels": [label], "labels": [label]}}
+
+
+def rectangle_item(x: float, y: float, width: float, height: float, label: str = "object", *, w: int, h: int,
+                   rid: str = "box1", rotation: float = 0, from_name: str = "box", to_name: str = "image") -> dict:
+    """A smart RectangleLabels box as LS 1.23.2's editor sends it (all values in % of the picture)."""
+    return {"id": rid, "from_name": from_name, "to_name": to_name, "type": "rectanglelabels", "origin": "manual",
+            "original_width": w, "original_height": h, "image_rotation": 0,
+            "value": {"x": x, "y": y, "width": width, "height": height, "rotation": rotation,
+                      "rectanglelabels": [label]}}
+
+
+def textarea_item(text: str, from_name: str = "prompt", to_name: str = "image") -> dict:
+    """A submitted TextArea sentence as the editor sends it."""
+    return {"id": "txt1", "from_name": from_name, "to_name": to_name, "type": "textarea", "origin": "manual",
+            "value": {"text": [text]}}
+
 
 @dataclass
 class FakePrediction:
@@ -30,6 +66,7 @@ class FakePrediction:
     box_xyxy: np.ndarray
     no_target: bool
     frame_logits: np.ndarray = field(default_factory=lambda: np.zeros((8, 8), np.float32))
+    low_res_logits: np.ndarray | None = None
 
 
 def fake_mask(image: np.ndarray, sentence: str) -> np.ndarray:
@@ -55,6 +92,7 @@ class FakePredictor:
         self.delay = delay
         self.score = score
         self.calls = []
+        self.interactive_calls = []
         self.lock = threading.Lock()
 
     def predict_batch(self, pairs, batch_size=8):
@@ -71,6 +109,35 @@ class FakePredictor:
             out.append(FakePrediction(mask=m, score=self.score if m.any() else 0.0,
                                       box_xyxy=np.zeros(4, np.float32), no_target=not m.any()))
         return out
+
+    def predict_interactive(self, image, sentence=None, points=None, labels=None, box=None, mask_input=None):
+        """``fake_mask`` of the sentence (else nothing), replaced by the box when there is one, then a square of
+        side ``min(H, W) // 4`` set around each positive click and cleared around each negative one, in order.
+        ``low_res_logits`` holds the call's number (from 1), so a test can tell which answer a later call was given
+        as ``mask_input``; every call is kept in ``interactive_calls``."""
+        assert isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
+        if not sentence and points is None and box is None:
+            raise ValueError("an interactive prediction needs a sentence, a click or a box")
+        with self.lock:
+            self.interactive_calls.append({"sentence": sentence, "points": None if points is None else
+                                           np.asarray(points, np.float32).tolist(),
+                                           "labels": None if labels is None else np.asarray(labels).tolist(),
+                                           "box": None if box is None else [float(v) for v in box],
+                                           "mask_input": None if mask_input is None else np.asarray(mask_input)})
+            n = len(self.interactive_calls)
+        h, w = image.shape[:2]
+        m = fake_mask(image, sentence) if sentence else np.zeros((h, w), bool)
+        if box is not None:
+            x0, y0, x1, y1 = (int(round(v)) for v in box)
+            m = np.zeros((h, w), bool)
+            m[y0:y1, x0:x1] = True
+        r = max(1, min(h, w) // 8)
+        for (x, y), lab in zip(np.asarray(points if points is not None else np.zeros((0, 2))).reshape(-1, 2),
+                               np.asarray(labels if labels is not None else np.ones(0))):
+            xi, yi = int(x), int(y)
+            m[max(0, yi - r):yi + r, max(0, xi - r):xi + r] = bool(lab)
+        return FakePrediction(mask=m, score=self.score if m.any() else 0.0, box_xyxy=np.zeros(4, np.float32),
+                              no_target=not m.any(), low_res_logits=np.full((1, 8, 8), float(n), np.float32))
 
     def cache_stats(self):
         return {"hits": 1, "misses": 2, "hit_rate": 1 / 3}

@@ -23,6 +23,21 @@ def brush_result(mask: np.ndarray, region_id: str, origin: str = "manual", label
             "value": {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": [label]}}
 
 
+def bitmask_data_url(mask: np.ndarray) -> str:
+    """A ``bitmasklabels`` region's ``imageDataURL`` as LS 1.23.2's editor writes it (``BitmaskRegion``
+    ``getImageSnapshotCanvas``): an RGBA PNG, black where the mask is, transparent elsewhere."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    rgba = np.zeros((*np.asarray(mask).shape, 4), np.uint8)
+    rgba[..., 3] = np.asarray(mask, bool) * 255
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def textarea_result(text: str, region_id: str, from_name: str = "prompt", to_name: str = "image",
                     parent_id: str | None = None) -> dict:
     r = {"id": region_id, "from_name": from_name, "to_name": to_name, "type": "textarea", "origin": "manual",

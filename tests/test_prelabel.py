@@ -94,8 +94,27 @@ def test_prelabel_stores_exactly_what_predict_answers(tmp_path, client, ls_media
     # recorded in the datastore as /predict records them (the corrections are scored against these masks)
     assert [(p["task_id"], p["sentence"], p["model_version"]) for p in store.predictions] == recorded_by_predict
     assert (summary.done, summary.skipped, summary.failed, summary.empty) == (4, 0, {}, 1)
-    assert summary.regions == sum(r["type"] == "brushlabels" for p in ls.stored for r in p["result"])
+    assert summary.regions == sum(r["type"] == "brushlabels" for p in ls.stored for r in p["result"]) == 5
     assert summary.model_version == _version(tmp_path) == answered[0]["model_version"]
+
+
+def test_prelabel_stores_bitmask_regions_for_a_bitmask_config(tmp_path, client, ls_media, store, predictor):
+    from backend.labelstudio.brush import region_mask
+    from tests.fakes import LABEL_CONFIG
+
+    config = LABEL_CONFIG.replace("BrushLabels", "BitmaskLabels")
+    a = ls_media("a.png", png_bytes(64, 48))
+    data = {1: {"image": a, "text": "thing on the left"}, 2: {"image": a, "text": "nothing at all"}}
+    answered = client.post("/predict", json=predict_body([{"id": t, "project": 1, "data": d} for t, d in data.items()],
+                                                         label_config=config)).get_json()["results"]
+    ls = FakeLabelStudio(data, label_config=config)
+    summary = _run(tmp_path, ls, predictor, store)
+    assert (summary.done, summary.regions, summary.empty) == (2, 1, 1)
+    stored = {p["task"]: p for p in ls.stored}
+    assert _without_ids(stored[1]["result"]) == _without_ids(answered[0]["result"])
+    (region,) = [r for r in stored[1]["result"] if r["type"] == "bitmasklabels"]
+    mask = region_mask(region["value"], 64, 48)
+    assert mask[:, :32].all() and not mask[:, 32:].any()
 
 
 def test_images_of_a_batch_go_through_the_model_together(tmp_path, ls_media, store):

@@ -24,10 +24,10 @@ def _blocks(text: str, lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
 
 
-def test_labeling_configs_parse_into_the_three_modes():
+def test_labeling_configs_parse_into_the_four_modes():
     configs = _blocks(_section("Labeling configs"), "xml")
-    assert len(configs) == 3
-    per_task, class_level, interactive = (parse_label_config(c) for c in configs)
+    assert len(configs) == 4
+    per_task, class_level, interactive, corrections = (parse_label_config(c) for c in configs)
     # a sentence per task: no TextArea, one label
     assert per_task.prompt_name is None and per_task.labels == ("object",)
     # class-level: predicted_values give one sentence each, a hint gives its sentence
@@ -35,6 +35,15 @@ def test_labeling_configs_parse_into_the_three_modes():
                                                  "person": ("the person closest to the camera",)}
     # interactive: the TextArea is the prompt
     assert interactive.prompt_name == "prompt" and interactive.brush_name == "tag"
+    assert interactive.prompt_controls == ()
+    # interactive correction: the same, plus smart clicks and boxes on the image whose labels are the mask's
+    assert (corrections.prompt_name, corrections.brush_name, corrections.mask_type) == ("prompt", "tag", "brushlabels")
+    assert [(name, kind) for name, kind, _ in corrections.prompt_controls] == [("click", "click"), ("box", "box")]
+    assert all(set(labels) <= set(corrections.labels) for _, _, labels in corrections.prompt_controls)
+    # and each of them with <BitmaskLabels>
+    for c in configs:
+        assert parse_label_config(c.replace("BrushLabels", "BitmaskLabels")).mask_type == "bitmasklabels"
+    assert all(' smart="true"' in c for c in re.findall(r"<(?:KeyPointLabels|RectangleLabels)[^>]*>", configs[3]))
 
 
 def _ssp_sam_commands() -> list[list[str]]:

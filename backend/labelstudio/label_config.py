@@ -1,5 +1,7 @@
-"""The labeling config, read once through label-studio-sdk's ``LabelInterface``: which ``<Image>`` the brush masks
-belong to, where its URL comes from in the task data, the labels, and the TextArea that holds the sentence.
+"""The labeling config, read once through label-studio-sdk's ``LabelInterface``: which ``<Image>`` the masks belong
+to, where its URL comes from in the task data, the mask control (``<BrushLabels>``, else ``<BitmaskLabels>``) and its
+labels, the TextArea that holds the sentence, and the click and box controls (``<KeyPointLabels>``, ``<KeyPoint>``,
+``<RectangleLabels>``, ``<Rectangle>``) on the same image, whose smart regions are SAM prompts.
 
 Both sides use it: the server to answer ``/predict``, the correction worker to find a submitted region's image.
 """
@@ -12,6 +14,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 
+MASK_CONTROLS = {"BrushLabels": "brushlabels", "BitmaskLabels": "bitmasklabels"}   # tag -> result type
+PROMPT_CONTROLS = {"KeyPointLabels": "click", "KeyPoint": "click", "RectangleLabels": "box", "Rectangle": "box"}
+
+
 class LabelConfigError(ValueError):
     """The labeling config cannot be used by this backend (the message is safe to show to a client)."""
 
@@ -20,12 +26,15 @@ class LabelConfigError(ValueError):
 class LabelingSpec:
     image_name: str                    # <Image name>  -> region to_name
     image_value_key: str               # $image        -> task.data key
-    brush_name: str                    # <BrushLabels name> -> region from_name
+    brush_name: str                    # the mask control's name (<BrushLabels> or <BitmaskLabels>) -> from_name
     labels: tuple                      # label values in config order
     label_sentences: tuple             # ((label, (sentence, ...)), ...) for class-level pre-labeling
     label_aliases: tuple               # ((label, (alias, ...)), ...): value + predicted_values, for matching
     prompt_name: Optional[str] = None  # <TextArea name> bound to the image, if any
     images: tuple = ()                 # ((name, task data key), ...) of every <Image value="$key">
+    mask_type: str = "brushlabels"     # the result type of the mask control: "brushlabels" | "bitmasklabels"
+    prompt_controls: tuple = ()        # ((name, "click" | "box", (label, ...)), ...): click and box controls on the
+                                       # mask control's image, in config order
 
     def image_data_key(self, to_name: Optional[str]) -> str:
         """The task data key of the image a region points to (``to_name``), else of the brush control's image."""
@@ -43,7 +52,7 @@ def _first(items, tag: str):
 
 
 def _labels(brush) -> tuple[tuple, tuple, tuple]:
-    """(labels, sentences per label, aliases per label) of a BrushLabels control. A label's sentences are its
+    """(labels, sentences per label, aliases per label) of the mask control. A label's sentences are its
     ``predicted_values`` (comma-separated), else its ``hint``, else its value."""
     labels, sentences, aliases = [], [], []
     for value, tag in (brush.labels_attrs or {}).items():
@@ -64,24 +73,28 @@ def _parse_cached(digest: str, label_config: str) -> LabelingSpec:
         li = LabelInterface(label_config)
     except Exception as exc:
         raise LabelConfigError(f"cannot parse the labeling config: {type(exc).__name__}: {exc}") from None
-    brush = _first(li.controls, "BrushLabels")
+    brush = _first(li.controls, "BrushLabels") or _first(li.controls, "BitmaskLabels")
     if brush is None:
-        raise LabelConfigError("the labeling config has no <BrushLabels> control; this backend predicts brush masks")
+        raise LabelConfigError("the labeling config has no <BrushLabels> (or <BitmaskLabels>) control; this backend "
+                               "predicts masks")
     image = _first(getattr(brush, "objects", None) or [], "Image")
     if image is None:
-        raise LabelConfigError(f"<BrushLabels name=\"{brush.name}\"> is not attached (toName) to an <Image>")
+        raise LabelConfigError(f"<{brush.tag} name=\"{brush.name}\"> is not attached (toName) to an <Image>")
     value = str(image.value or "")
     if not value.startswith("$") or len(value) < 2:
         raise LabelConfigError(f"<Image name=\"{image.name}\"> must take its URL from task data (value=\"$image\")")
     prompt = next((c for c in li.controls if c.tag == "TextArea" and image.name in (c.to_name or [])), None)
     labels, sentences, aliases = _labels(brush)
     if not labels:
-        raise LabelConfigError(f"<BrushLabels name=\"{brush.name}\"> has no <Label>")
+        raise LabelConfigError(f"<{brush.tag} name=\"{brush.name}\"> has no <Label>")
     images = tuple((o.name, str(o.value)[1:]) for o in li.objects
                    if o.tag == "Image" and str(o.value or "").startswith("$"))
+    prompt_controls = tuple((c.name, PROMPT_CONTROLS[c.tag], tuple(c.labels_attrs or ()))
+                            for c in li.controls if c.tag in PROMPT_CONTROLS and image.name in (c.to_name or []))
     return LabelingSpec(image_name=image.name, image_value_key=value[1:], brush_name=brush.name, labels=labels,
                         label_sentences=sentences, label_aliases=aliases,
-                        prompt_name=prompt.name if prompt is not None else None, images=images)
+                        prompt_name=prompt.name if prompt is not None else None, images=images,
+                        mask_type=MASK_CONTROLS[brush.tag], prompt_controls=prompt_controls)
 
 
 def parse_label_config(label_config: str) -> LabelingSpec:
@@ -95,4 +108,4 @@ def parse_label_config(label_config: str) -> LabelingSpec:
     return _parse_cached(digest, label_config)
 
 
-__all__ = ["LabelConfigError", "LabelingSpec", "parse_label_config"]
+__all__ = ["LabelConfigError", "LabelingSpec", "MASK_CONTROLS", "PROMPT_CONTROLS", "parse_label_config"]

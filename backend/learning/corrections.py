@@ -4,10 +4,10 @@
 answers. A :class:`CorrectionWorker` thread drains that inbox:
 
 * ``ANNOTATION_CREATED`` / ``ANNOTATIONS_CREATED`` (bulk; ``annotation``/``annotations`` may be a list of bodies or of
-  ids) / ``ANNOTATION_UPDATED``: one sample per brush region (sentence, mask from RLE, image snapshot in the blob
-  store, ids, annotator, timestamps, region ``origin``, model version of the parent prediction, IoU with the
-  prediction the server recorded). An update replaces that annotation's samples; cancelled/skipped annotations
-  contribute nothing (and retract what they had).
+  ids) / ``ANNOTATION_UPDATED``: one sample per mask region (``brushlabels`` RLE or ``bitmasklabels`` PNG: sentence,
+  mask, image snapshot in the blob store, ids, annotator, timestamps, region ``origin``, model version of the parent
+  prediction, IoU with the prediction the server recorded). An update replaces that annotation's samples;
+  cancelled/skipped annotations contribute nothing (and retract what they had).
 * ``ANNOTATION_DELETED`` / ``ANNOTATIONS_DELETED``: retract the samples and leave a tombstone.
 * ``START_TRAINING``: record a training request for ``ssp-sam finetune --watch``.
 * anything else: marked ``ignored``.
@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from backend.config import BackendConfig
-from backend.labelstudio.brush import region_mask
+from backend.labelstudio.brush import MASK_TYPES, region_labels, region_mask
 from backend.labelstudio.protocol import (ANNOTATION_DELETE_ACTIONS, ANNOTATION_UPSERT_ACTIONS, TRAINING_ACTIONS,
                                           as_int, id_of)
 from backend.labelstudio.label_config import LabelConfigError, parse_label_config
@@ -275,7 +275,7 @@ class CorrectionWorker:
             return {**res, "cancelled": True}
         task = self._task_for(ann, tasks)
         results = [r for r in (ann.get("result") or []) if isinstance(r, Mapping)]
-        brush = [r for r in results if str(r.get("type", "")).lower() == "brushlabels"]
+        brush = [r for r in results if str(r.get("type", "")).lower() in MASK_TYPES]   # brush or bitmask
         builder = _SampleBuilder(self, ann, task, results, (project or {}).get("label_config") or "")
         samples, rejected = [], []
         for region in brush:
@@ -312,7 +312,7 @@ class _SampleBuilder:
         if not rid:
             raise RegionRejected("region without id")
         value = region.get("value") or {}
-        labels = value.get("brushlabels") or []
+        labels = region_labels(value)
         label = str(labels[0]) if labels else None
         sentence, source = region_sentence(region, self.results, self.task, self.cfg.prompt_fields)
         if not sentence and label:

@@ -40,6 +40,7 @@ from backend.serving.metrics import ServingMetrics
 from backend.serving.model import ModelUnavailable, SSPSAMBackend
 from backend.serving.model_manager import ModelManager
 from backend.serving.prewarm import Prewarmer
+from backend.serving.sessions import InteractiveSessions
 from ssp_sam.timing import collect, stage
 
 logger = logging.getLogger("backend.serving.app")
@@ -78,6 +79,9 @@ class Runtime:
         self._worker_pid = None
         self.guard: Optional[RequestGuard] = None     # set by create_app: admission counts for /metrics
         self.prewarmer = Prewarmer(manager, media, self.metrics.inc)
+        # what each picture's interactive calls said so far: the typed sentence, the clicks and boxes, and (with
+        # INTERACTIVE_MASK_PROMPT) the last mask as SAM's dense prompt for the next click
+        self.sessions = InteractiveSessions(mask_prompt=config.interactive_mask_prompt)
 
     # ------------------------------------------------------------------ datastore
     def store(self):
@@ -415,6 +419,7 @@ def metrics():
         serving["admission"] = rt.guard.stats()
     serving["model"] = rt.manager.info()
     serving["media_cache"] = rt.media.stats()
+    serving["interactive_sessions"] = rt.sessions.stats()
     emb = rt.manager.cache_stats()
     if emb is not None:
         serving["embedding_cache"] = emb

@@ -5,8 +5,12 @@ handled here: ``/webhook`` queues them in the datastore and the correction worke
 
 Data flow of ``predict``: prompts (context / task fields / labels) -> media (image at natural, EXIF-transposed size)
 -> ``predictor.predict_batch`` over every (image, sentence) pair of a chunk of tasks (the SAM and CLIP image encoders
-run batched across the chunk's images) -> brush RLE regions. One bad task never fails the others: it gets an answer
-without a result, and its reason is logged.
+run batched across the chunk's images) -> mask regions (brush RLE, or bitmask PNG for a ``<BitmaskLabels>`` config).
+One bad task never fails the others: it gets an answer without a result, and its reason is logged.
+
+An interactive call whose context holds smart clicks or boxes on the image (``backend.labelstudio.sam_prompts``)
+takes another path: ``predictor.predict_interactive`` with the clicks, the box and the sentence (the call's, else the
+one its interactive session remembers, else the task's own; ``backend.serving.sessions``), and one refined region.
 
 The task -> regions steps are public so that ``ssp-sam prelabel`` (``backend/prelabel.py``) produces exactly what
 ``/predict`` answers: :meth:`SSPSAMBackend.prepare` (sentences and image of one task; thread-safe, so a bulk run
@@ -23,11 +27,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-from backend.labelstudio.brush import brush_region, textarea_region
+from backend.labelstudio.brush import MASK_TYPES, mask_region, textarea_region
 from backend.labelstudio.label_config import LabelingSpec, parse_label_config
 from backend.labelstudio.media import MediaError
-from backend.labelstudio.prompts import collect_prompts, context_sentences, is_interactive, task_sentences
+from backend.labelstudio.prompts import (collect_prompts, context_sentences, is_interactive, label_for_sentence,
+                                         task_sentences)
 from backend.labelstudio.protocol import project_id_of
+from backend.labelstudio.sam_prompts import PromptError, PromptItems, prompt_items, prompt_label, sam_prompts
 from backend.logs import loggable
 from backend.weights import WeightsMissing, WeightsNotReady
 from ssp_sam.timing import stage
@@ -63,10 +69,11 @@ class PreparedTask:
     task: dict
     image: np.ndarray
     prompts: list
+    picture: Optional[str] = None      # the picture's content key (``ImageRef.key``)
 
 
 class SSPSAMBackend:
-    """Text-prompted BrushLabels pre-annotation with SSP-SAM."""
+    """Text-prompted (and click- or box-refined) BrushLabels / BitmaskLabels pre-annotation with SSP-SAM."""
 
     def __init__(self, runtime, project_id: Optional[int] = None, label_config: Optional[str] = None):
         self.runtime = runtime
@@ -92,8 +99,11 @@ class SSPSAMBackend:
     # ------------------------------------------------------------------ predict
     def predict(self, tasks: list, context: Optional[dict] = None) -> ModelResponse:
         spec = parse_label_config(self.label_config)
+        items = prompt_items(spec, context) if is_interactive(context) else PromptItems((), (), ())
+        if items and len(tasks) == 1:
+            return self._predict_prompts(spec, tasks[0], context, items)
         if self._awaiting_sentence(spec, tasks, context):
-            return self._prewarm(spec, tasks[0])
+            return self._prewarm(spec, tasks[0], items.notes)
         served = self.served()
         results: list = [None] * len(tasks)
         messages: list = []
@@ -102,11 +112,8 @@ class SSPSAMBackend:
             chunk = range(start, min(len(tasks), start + self.batch_size))
             self._predict_chunk(spec, served, tasks, chunk, context, results, messages, progress)
         message = None
-        if is_interactive(context) and results and not results[0].get("result"):
-            # the editor shows the message of an interactive call; it needs a result list, even an empty one
-            first = results[0]
-            message = first.get("error") or (messages[0] if messages else "no object found for this sentence")
-            first.update(result=[], message=message)
+        if is_interactive(context):
+            message = _interactive_message(results, messages, "no object found for this sentence")
         return ModelResponse(predictions=results, model_version=served.version, message=message)
 
     def _predict_chunk(self, spec: LabelingSpec, served, tasks: list, chunk: range, context, results: list,
@@ -135,39 +142,110 @@ class SSPSAMBackend:
                 and not context_sentences(spec, context)
                 and not task_sentences(tasks[0], self.runtime.config.prompt_fields))
 
-    def _prewarm(self, spec: LabelingSpec, task: dict) -> ModelResponse:
+    def _prewarm(self, spec: LabelingSpec, task: dict, notes: tuple = ()) -> ModelResponse:
         """Answer at once (nothing to segment yet) and compute the task image's embedding in the background, so the
         sentence the annotator types next runs only the prompt path."""
         url = task["data"].get(spec.image_value_key)
         queued = isinstance(url, str) and bool(url.strip()) and self.runtime.prewarm(
             url, task_id=task.get("id"), project_id=self._project_of(task))
-        message = "type a sentence in the prompt box" + (" (the image is being prepared)" if queued else "")
+        message = "; ".join(["type a sentence in the prompt box" + (" (the image is being prepared)" if queued else
+                                                                     ""), *notes])
         version = self.runtime.model_version()
         return ModelResponse(predictions=[{"result": [], "score": 0.0, "model_version": version,
                                            "message": message}], model_version=version, message=message)
+
+    # ------------------------------------------------------------------ clicks and boxes
+    def _predict_prompts(self, spec: LabelingSpec, task: Any, context: dict, items: PromptItems) -> ModelResponse:
+        """An interactive call with smart clicks and/or boxes on the image: one refined region, from the clicks, the
+        box and the sentence (the call's, else its session's, else the task's own when it has exactly one) through
+        ``predict_interactive``; the previous mask of the session as SAM's dense prompt with
+        ``INTERACTIVE_MASK_PROMPT``. Any bad input answers one empty result with the reason."""
+        served = self.served()
+        version = served.version
+        try:
+            result = self._prompt_result(spec, served, task, context, items)
+        except (TaskError, PromptError) as exc:
+            result = self.failed(version, task, str(exc))
+        except Exception as exc:         # a model or result-building failure: the reason is in the log
+            logger.exception("task id %s: the interactive prediction failed", _task_id(task))
+            result = self.failed(version, task, f"prediction failed: {type(exc).__name__}", logged=True)
+        message = _interactive_message([result], [], "no object found for these clicks or this box")
+        return ModelResponse(predictions=[result], model_version=version, message=message)
+
+    def _prompt_result(self, spec: LabelingSpec, served, task: Any, context: dict, items: PromptItems) -> dict:
+        rt, version, predictor = self.runtime, served.version, served.predictor
+        if not callable(getattr(predictor, "predict_interactive", None)):
+            raise TaskError("the served model takes no clicks or boxes")
+        ref, image = self._open(task, _image_url(spec, task))
+        h, w = ref.hw
+        prompts = sam_prompts(spec, items, w, h)
+        typed = context_sentences(spec, context)
+        key = self._session_key(version, task, ref.key)
+        plan = rt.sessions.plan(key, typed[-1] if typed else None, prompts.clicks, prompts.boxes)
+        sentence = plan.sentence
+        if sentence is None:
+            own = task_sentences(task, rt.config.prompt_fields)
+            sentence = own[0] if len(own) == 1 else None
+        points = np.array([[c.x, c.y] for c in plan.clicks], np.float32).reshape(-1, 2)
+        labels = np.array([1 if c.positive else 0 for c in plan.clicks], np.float32)
+        mask_input = plan.mask_input
+        if plan.sentence_mask_needed and sentence:   # the first refinement of a typed sentence's mask
+            mask_input = predictor.predict_interactive(image, sentence).low_res_logits
+        pred = predictor.predict_interactive(image, sentence, points=points if len(points) else None,
+                                             labels=labels if len(points) else None, box=plan.box,
+                                             mask_input=mask_input)
+        rt.sessions.answered(key, plan, sentence, getattr(pred, "low_res_logits", None), mask_input)
+        logger.info("interactive: task id %s: %d click(s) (%d negative), %s, %s, %s session%s", _task_id(task),
+                    len(plan.clicks), sum(not c.positive for c in plan.clicks), "a box" if plan.box else "no box",
+                    "a sentence" if sentence else "no sentence", "continued" if plan.continued else "new",
+                    ", previous mask as dense prompt" if mask_input is not None else "")
+        rt.metrics.inc("interactive_prompts")
+        rt.metrics.inc("tasks")
+        mask = np.asarray(pred.mask, dtype=bool)
+        if mask.shape != (h, w):
+            raise ValueError(f"mask shape {mask.shape} != image shape {(h, w)}")
+        notes = list(prompts.notes)
+        score = float(getattr(pred, "score", 0.0) or 0.0)
+        if bool(getattr(pred, "no_target", False)) or not mask.any():
+            rt.metrics.inc("no_target")
+            what = " and ".join(x for x in ("these clicks" if plan.clicks else "", "this box" if plan.box else "") if x)
+            what = f"'{sentence}' with {what}" if sentence else what
+            return {"result": [], "score": 0.0, "model_version": version,
+                    "message": "; ".join([f"no object found for {what}", *notes])}
+        label = prompt_label(spec, prompts, label_for_sentence(spec, sentence) if sentence else None)
+        with stage("rle"):
+            result = [mask_region(mask, from_name=spec.brush_name, to_name=spec.image_name, label=label, score=score,
+                                  kind=spec.mask_type)]
+        if spec.prompt_name and sentence:
+            result.append(textarea_region([sentence], from_name=spec.prompt_name, to_name=spec.image_name))
+        rt.metrics.inc("regions")
+        out = {"result": result, "score": score, "model_version": version}
+        if notes:
+            out["message"] = "; ".join(notes)
+        return out
+
+    def _session_key(self, version: str, task: dict, picture: str) -> tuple:
+        return (version, self._project_of(task), task.get("id"), picture)
 
     # ------------------------------------------------------------------ steps (shared with ssp-sam prelabel)
     def prepare(self, spec: LabelingSpec, task: Any, context=None) -> PreparedTask:
         """The sentences and the image of one task; ``TaskError`` with a reason fit for the client when it has none
         or its image cannot be read. Thread-safe (the media fetcher is)."""
-        if not isinstance(task, dict):
-            raise TaskError("task must be a JSON object")
-        data = task.get("data")
-        if not isinstance(data, dict):
-            raise TaskError("task has no 'data' object")
-        url = data.get(spec.image_value_key)
-        if not isinstance(url, str) or not url.strip():
-            raise TaskError(f"task data has no '{spec.image_value_key}' image URL")
+        url = _image_url(spec, task)
         prompts = collect_prompts(spec, task, context, self.runtime.config.prompt_fields)
         if not prompts:
             raise TaskError("no sentence: type one in the prompt TextArea, add a task field "
                             f"({', '.join(self.runtime.config.prompt_fields)}) or label values")
+        ref, image = self._open(task, url)
+        return PreparedTask(task, image, prompts, ref.key)
+
+    def _open(self, task: dict, url: str) -> tuple:
+        """The task's picture: its ``ImageRef`` and what the predictor takes (``_image_for``); ``TaskError``."""
         try:
             ref = self.runtime.media.open_image(url, task_id=task.get("id"), project_id=self._project_of(task))
-            image = _image_for(self.runtime.manager.get().predictor, ref)
+            return ref, _image_for(self.runtime.manager.get().predictor, ref)
         except MediaError as exc:
             raise TaskError(str(exc)) from None
-        return PreparedTask(task, image, prompts)
 
     def predict_prepared(self, spec: LabelingSpec, served, prepared: dict) -> dict:
         """The model over every (image, sentence) pair of ``prepared`` ({key: PreparedTask}) at once, then one
@@ -235,6 +313,9 @@ class SSPSAMBackend:
         h, w = item.image.shape[:2]
         regions, scores, echoed, misses = [], [], [], []
         project_id = self._project_of(task)
+        typed = [p.sentence for p in item.prompts if p.source == "context"]
+        if typed and item.picture is not None:            # a typed sentence starts an interactive session
+            rt.sessions.sentence_typed(self._session_key(version, task, item.picture), typed[-1])
         for prompt, pred in zip(item.prompts, preds):
             mask = np.asarray(pred.mask, dtype=bool)
             if mask.shape != (h, w):
@@ -249,8 +330,8 @@ class SSPSAMBackend:
                                      score)
                 continue
             with stage("rle"):
-                regions.append(brush_region(mask, from_name=spec.brush_name, to_name=spec.image_name,
-                                            label=prompt.label, score=score))
+                regions.append(mask_region(mask, from_name=spec.brush_name, to_name=spec.image_name,
+                                           label=prompt.label, score=score, kind=spec.mask_type))
             scores.append(score)
             if prompt.source in ("context", "task") and prompt.sentence not in echoed:
                 echoed.append(prompt.sentence)
@@ -274,6 +355,30 @@ class SSPSAMBackend:
         if not logged:
             logger.error("predict: task id %s failed: %s", _task_id(task), loggable(message, None))
         return {"score": 0.0, "model_version": version, "error": message}
+
+
+def _image_url(spec: LabelingSpec, task: Any) -> str:
+    """The task's image URL; ``TaskError`` when the task has none."""
+    if not isinstance(task, dict):
+        raise TaskError("task must be a JSON object")
+    data = task.get("data")
+    if not isinstance(data, dict):
+        raise TaskError("task has no 'data' object")
+    url = data.get(spec.image_value_key)
+    if not isinstance(url, str) or not url.strip():
+        raise TaskError(f"task data has no '{spec.image_value_key}' image URL")
+    return url
+
+
+def _interactive_message(results: list, messages: list, default: str) -> Optional[str]:
+    """The message of an interactive call's answer: the editor shows it, and LS needs a result list, even an empty
+    one, so a first result without one gets ``[]`` and its reason."""
+    if not results or results[0].get("result"):
+        return results[0].get("message") if results else None
+    first = results[0]
+    message = first.get("error") or first.get("message") or (messages[0] if messages else default)
+    first.update(result=[], message=message)
+    return message
 
 
 def _image_for(predictor, ref):
@@ -302,4 +407,4 @@ class _Progress:
     def task_done(self, i: int, task: Any, result: dict) -> None:
         if (i + 1) % self.every == 0 or i + 1 == self.n:
             logger.info("predict: task %d/%d (id %s): %d region(s), %.2f s elapsed", i + 1, self.n, _task_id(task),
-                        sum(r["type"] == "brushlabels" for r in result["result"]), time.perf_counter() - self.t0)
+                        sum(r["type"] in MASK_TYPES for r in result["result"]), time.perf_counter() - self.t0)

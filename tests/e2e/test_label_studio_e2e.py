@@ -423,3 +423,121 @@ def test_prewarm_and_task_open_through_label_studio(servers):
     call("GET", f"/api/tasks/{tid}")                                    # the editor opens the task
     stored = call("GET", f"/api/predictions?task={tid}")
     assert len(stored) == 1 and stored[0]["model_version"], stored     # LS called /predict when the task opened
+
+
+def test_interactive_correction_through_label_studio(servers):
+    """The README's "interactive correction" config on a real LS 1.23.2: a sentence and a negative click in the
+    context shape the editor sends, passed through LS's ``interactive-annotating`` to the backend, refine the
+    sentence's mask; a box alone is plain SAM; a ``<BitmaskLabels>`` project gets (and stores) bitmask regions.
+
+    The scene is chosen by a fixed rule on what the served model answers, so the test keeps its meaning when the model
+    changes: among fixed synthetic scenes, the first whose sentence-only mask has more false-positive than
+    false-negative pixels and whose next simulated click (``ssp_sam.clicks.next_click``, the largest error's deepest
+    point) is negative. The refined mask must then have a strictly higher IoU with the scene's true mask."""
+    from ssp_sam.clicks import next_click
+    from ssp_sam.data.synthetic import generate_sample
+    from tests.fakes import keypoint_item, rectangle_item, textarea_item
+    from tests.test_readme import _blocks, _section
+
+    ls, be = servers["ls"], servers["backend"]
+    legacy = {"Authorization": f"Token {TOKEN}"}
+    config = _blocks(_section("Labeling configs"), "xml")[3]          # the README's, as users copy it
+
+    def call(method, path, **kw):
+        r = requests.request(method, ls + path, headers=legacy, timeout=120, **kw)
+        assert r.status_code in (200, 201), f"{method} {path} -> {r.status_code}: {r.text[:300]}\n" \
+                                            f"{_tail(servers['be_log'], 30)}"
+        return r.json()
+
+    def project(title, cfg, images, texts=None):
+        """A project with one task per image (uploaded; with ``texts``, tasks of an image URL and a sentence)."""
+        pid = call("POST", "/api/projects", json={"title": title, "label_config": cfg})["id"]
+        files = [(f"file{i}", (f"{title}{i}.png", _png(im), "image/png")) for i, im in enumerate(images)]
+        call("POST", f"/api/projects/{pid}/import", files=files)
+        tasks = call("GET", f"/api/tasks?project={pid}&page_size=100")["tasks"]
+        if texts is not None:
+            urls = sorted(t["data"]["image"] for t in tasks)
+            for t in tasks:
+                requests.delete(f"{ls}/api/tasks/{t['id']}", headers=legacy, timeout=30)
+            call("POST", f"/api/projects/{pid}/import", json=[{"image": u, "text": x} for u, x in zip(urls, texts)])
+            tasks = call("GET", f"/api/tasks?project={pid}&page_size=100")["tasks"]
+        by_image = {next(i for i in range(len(images)) if t["data"]["image"].endswith(f"-{title}{i}.png")): t["id"]
+                    for t in tasks}
+        ml_id = call("POST", "/api/ml", json={"url": be, "project": pid, "title": "ssp-sam",
+                                              "is_interactive": True})["id"]
+        return pid, ml_id, by_image
+
+    def interactive(ml_id, tid, *items):
+        data = call("POST", f"/api/ml/{ml_id}/interactive-annotating",
+                    json={"task": tid, "context": {"result": list(items)}}).get("data") or {}
+        assert isinstance(data.get("result"), list), data
+        return data
+
+    def mask_of(data, h, w, kind="brushlabels"):
+        regions = [x for x in data["result"] if x["type"] == kind]
+        assert len(regions) <= 1, data
+        if not regions:
+            return np.zeros((h, w), bool), None
+        (r,) = regions
+        assert (r["original_width"], r["original_height"]) == (w, h)
+        return region_mask(r["value"], w, h), r
+
+    from backend.labelstudio.brush import region_mask
+
+    candidates = []
+    i = 0
+    while len(candidates) < 8:                     # fixed scenes with one named target covering > 2 % of the image
+        s = generate_sample(2024, 30_000 + i)
+        i += 1
+        if s.mask.any() and s.mask.mean() > 0.02:
+            candidates.append((s.image, s.sentence, s.mask.astype(bool)))
+    pid, ml_id, tids = project("inter", config, [im for im, _, _ in candidates])
+    chosen = None
+    for k, (image, sentence, gt) in enumerate(candidates):
+        h, w = gt.shape
+        alone, _ = mask_of(interactive(ml_id, tids[k], textarea_item(sentence)), h, w)
+        fp, fn = int((alone & ~gt).sum()), int((gt & ~alone).sum())
+        click = next_click(alone, gt)
+        if fp > fn and click is not None and not click.positive:
+            chosen = (k, image, sentence, gt, alone, click)
+            break
+    assert chosen is not None, "no candidate scene has a sentence-only mask with more false positives"
+    k, image, sentence, gt, alone, click = chosen
+    h, w = gt.shape
+    negative = keypoint_item(100 * (click.x + 0.5) / w, 100 * (click.y + 0.5) / h, positive=False, w=w, h=h,
+                             from_name="click")
+    data = interactive(ml_id, tids[k], textarea_item(sentence), negative)
+    refined, region = mask_of(data, h, w)
+    assert region is not None and region["value"]["brushlabels"] == ["object"], data
+    assert any(x["type"] == "textarea" and x["value"]["text"] == [sentence] for x in data["result"])
+    print(f"scene {k} {sentence!r}: sentence only IoU {iou(alone, gt):.3f} (fp {int((alone & ~gt).sum())}, "
+          f"fn {int((gt & ~alone).sum())}); with a negative click at ({click.x:.0f}, {click.y:.0f}) "
+          f"IoU {iou(refined, gt):.3f}")
+    assert iou(refined, gt) > iou(alone, gt)
+
+    # a box alone (these tasks have no sentence of their own): plain SAM, labelled by the box
+    k2 = (k + 1) % len(candidates)
+    gt2 = candidates[k2][2]
+    h, w = gt2.shape
+    ys, xs = np.nonzero(gt2)
+    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    data = interactive(ml_id, tids[k2], rectangle_item(100 * x0 / w, 100 * y0 / h, 100 * (x1 - x0) / w,
+                                                      100 * (y1 - y0) / h, w=w, h=h))
+    boxed, region = mask_of(data, h, w)
+    assert region is not None and region["value"]["brushlabels"] == ["object"], data
+    assert boxed[y0:y1, x0:x1].any() and not any(x["type"] == "textarea" for x in data["result"])
+
+    # <BitmaskLabels>: the same kind of answer as a PNG data URL, which LS passes on and stores as a prediction
+    bitmask = config.replace("BrushLabels", "BitmaskLabels")
+    image, sentence, gt = candidates[k]
+    bpid, bml, btids = project("bitmask", bitmask, [image], texts=[sentence])
+    h, w = gt.shape
+    data = interactive(bml, btids[0], textarea_item(sentence))
+    got, region = mask_of(data, h, w, "bitmasklabels")
+    assert region is not None and region["value"]["imageDataURL"].startswith("data:image/png;base64,")
+    assert iou(got, alone) >= 0.98                 # the sentence's mask, as a bitmask
+    call("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={bpid}",
+         json={"selectedItems": {"all": True, "excluded": []}})
+    (stored,) = call("GET", f"/api/predictions?task={btids[0]}")
+    stored_mask, region = mask_of(stored, h, w, "bitmasklabels")
+    assert region is not None and iou(stored_mask, alone) >= 0.98, stored

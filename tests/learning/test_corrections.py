@@ -15,7 +15,7 @@ from backend.learning.corrections import CorrectionWorker, WorkerConfig, image_u
 from backend.learning.datastore import open_datastore
 from tests.fakes import TracedPeak, wait_until_idle
 from tests.learning import postgres
-from tests.payloads import annotation_event, brush_result
+from tests.payloads import annotation_event, bitmask_data_url, brush_result
 
 LS = "http://ls.test"
 W, H = 40, 30
@@ -115,6 +115,27 @@ def test_annotation_created_makes_a_sample(store, worker):
     image, mask = store.load_sample(s)
     assert image.shape == (H, W, 3) and np.array_equal(mask.astype(bool), _mask())
     assert tuple(image[0, 0]) == (200, 30, 30)
+
+
+def test_a_bitmask_region_makes_a_sample_too(store, worker):
+    """A <BitmaskLabels> project: the region's PNG (as the editor writes it, RGBA black on transparent) is the mask."""
+    import base64
+
+    cfg = ('<View><Image name="image" value="$image"/><TextArea name="prompt" toName="image"/>'
+           '<BitmaskLabels name="tag" toName="image"><Label value="object"/></BitmaskLabels></View>')
+    ev = _ev(label_config=cfg)
+    ev["annotation"]["result"] = [r for r in ev["annotation"]["result"] if r["type"] != "brushlabels"]
+    region = {"id": "b1", "from_name": "tag", "to_name": "image", "type": "bitmasklabels", "origin": "manual",
+              "original_width": W, "original_height": H, "image_rotation": 0,
+              "value": {"imageDataURL": bitmask_data_url(_mask(2, 3, 30, 9)), "bitmasklabels": ["object"]}}
+    ev["annotation"]["result"].insert(0, region)
+    bad = {**region, "id": "b2", "value": {"imageDataURL": "data:image/png;base64," + base64.b64encode(b"x").decode(),
+                                          "bitmasklabels": ["object"]}}
+    ev["annotation"]["result"].append(bad)
+    assert _send(store, worker, ev)["status"] == "done"
+    [s] = store.list_samples()
+    assert (s["region_id"], s["label"], s["sentence"]) == ("b1", "object", "the red square")
+    assert np.array_equal(store.load_sample(s)[1].astype(bool), _mask(2, 3, 30, 9))
 
 
 def test_redelivery_changes_nothing(store, worker):

@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 
 from backend.labelstudio.protocol import CORRECTION_ACTIONS, TRAINING_ACTIONS, id_of
 from backend.serving.app import create_app
-from tests.fakes import LABEL_CONFIG, LS_URL, FakePredictor, FakeStore, make_config, png_bytes
+from tests.fakes import (INTERACTIVE_CONFIG, LABEL_CONFIG, LS_URL, FakePredictor, FakeStore, keypoint_item,
+                         make_config, png_bytes, rectangle_item, textarea_item)
 
 ROOT = Path(__file__).resolve().parents[2]
 FUZZ = settings(max_examples=400, deadline=None, derandomize=True, database=None, print_blob=True,
@@ -129,6 +130,21 @@ CONTEXTS = st.one_of(st.none(), st.fixed_dictionaries({"result": st.lists(st.fix
 PREDICT_BODIES = spoiled(st.fixed_dictionaries(
     {"tasks": st.lists(TASKS, max_size=3), "label_config": st.one_of(st.just(LABEL_CONFIG), label_configs()),
      "project": PROJECTS, "params": st.fixed_dictionaries({"login": st.none(), "context": CONTEXTS})}))
+
+# interactive calls of the README's "interactive correction" config: smart clicks and boxes (and a sentence) as the
+# editor sends them, in % of the 32 x 24 picture, then spoiled at any depth
+PERCENT = st.one_of(st.floats(0, 100), st.sampled_from([0, 100, 50]))
+PROMPT_ITEMS = st.one_of(
+    st.builds(lambda x, y, pos, i: keypoint_item(x, y, pos, w=32, h=24, rid=f"k{i}"), PERCENT, PERCENT,
+              st.booleans(), st.integers(0, 3)),
+    st.builds(lambda x, y, bw, bh, r: rectangle_item(x, y, bw, bh, w=32, h=24, rotation=r), PERCENT, PERCENT,
+              PERCENT, PERCENT, st.sampled_from([0, 0, 30, 90])),
+    st.builds(textarea_item, st.sampled_from(["a circle", "the thing on the left", "nothing"])))
+INTERACTIVE_BODIES = spoiled(st.fixed_dictionaries(
+    {"tasks": st.lists(TASKS, min_size=1, max_size=1), "label_config": st.just(INTERACTIVE_CONFIG),
+     "project": st.just("1.1700000000"),
+     "params": st.fixed_dictionaries({"context": st.fixed_dictionaries(
+         {"result": st.lists(PROMPT_ITEMS, min_size=1, max_size=4)})})}))
 
 ANNOTATIONS = st.one_of(IDS, st.fixed_dictionaries({"id": IDS}, optional={
     "result": st.lists(JSON_VALUES, max_size=2), "task": IDS, "project": IDS, "lead_time": NUMBERS}))
@@ -235,6 +251,35 @@ def test_fuzz_predict_bodies(fuzz_app, reliability):
     seen = run_property(reliability, "Fuzzing (Hypothesis)", "/predict bodies (valid shapes, hostile values)",
                         as_bytes(PREDICT_BODIES), post)
     assert seen[200] and seen[400]              # the strategy reaches both the model and the refusals
+
+
+@pytest.mark.reliability
+def test_fuzz_interactive_clicks_and_boxes(fuzz_app, reliability):
+    """Interactive calls with smart clicks and boxes: never a 5xx or a traceback, and every 200 for one task is one
+    result with a result list (LS's editor needs it), regions of the picture's size or a message."""
+    client, store, tmp = fuzz_app
+    answers: Counter = Counter()
+
+    def post(raw):
+        r = client.post("/predict", data=raw, content_type="application/json")
+        status = check_response(r, tmp)
+        body = r.get_json()
+        if status == 200 and isinstance(body.get("results"), list) and len(body["results"]) == 1:
+            (res,) = body["results"]
+            assert isinstance(res.get("result"), list) or "error" in res, res
+            for region in res.get("result") or []:
+                if region["type"] == "brushlabels":
+                    assert (region["original_width"], region["original_height"]) == (32, 24)
+                    answers["region"] += 1
+            if isinstance(res.get("result"), list) and not res["result"]:
+                assert isinstance(res.get("message"), str) and res["message"], res
+                answers["message"] += 1
+        return status
+
+    seen = run_property(reliability, "Fuzzing (Hypothesis)", "interactive clicks and boxes (valid shapes, hostile "
+                        "values)", as_bytes(INTERACTIVE_BODIES), post)
+    print(dict(answers))
+    assert seen[200] and answers["region"] and answers["message"]
 
 
 @pytest.mark.reliability
