@@ -46,6 +46,8 @@ LABEL_CONFIG = """<View>
   <TextArea name="prompt" toName="image" editable="true" rows="1" placeholder="describe the object"
             showSubmitButton="true" maxSubmissions="1"/>
   <BrushLabels name="tag" toName="image"><Label value="object" background="#FF00FF"/></BrushLabels>
+  <KeyPointLabels name="click" toName="image" smart="true"><Label value="object" background="#00C0FF"/></KeyPointLabels>
+  <RectangleLabels name="box" toName="image" smart="true"><Label value="object" background="#00C0FF"/></RectangleLabels>
 </View>"""
 # The trainer (`ssp-sam finetune --watch`), sized so that a handful of corrections makes a round (the defaults wait
 # for 50): a round starts once 4 new corrections wait (--every-samples), or 3 minutes after the first one. A task is
@@ -565,7 +567,8 @@ def print_next_steps(st: Settings, login: Login, project: dict) -> None:
   1. Open the project and click a task: the sentence is in the text box and the model's mask is drawn on the image
      in magenta (a task without a mask is the model saying "nothing matches").
   2. Correct a few: paint or erase with the brush (label "object"); or turn Auto-Annotation on, delete the sentence
-     (trash icon on the text box), type another and press Enter to ask the model for its mask. Submit each.
+     (trash icon on the text box), type another and press Enter to ask the model for its mask; then fix that mask
+     with clicks (the "click" key-point tool: click to add a part, Alt-click to remove one) or a "box". Submit each.
   3. After {TRAINER_ARGS[1]} corrections the trainer runs a round (a third of the tasks are held out to judge it) and
      publishes a new version if it is not worse; the backend reloads it and Label Studio reports it (this terminal
      says so). For its masks: Data Manager, select the tasks, tasks menu > Retrieve Predictions.

@@ -76,7 +76,7 @@ CLICK_MODES = ("sentence+clicks", "clicks")
 @torch.no_grad()
 def evaluate_clicks(model, tokenizer, dataset: Sequence[Sample], max_clicks: int = 20,
                     report: Sequence[int] = (0, 1, 2, 3, 5), noc_thresholds: Sequence[float] = (0.85, 0.90),
-                    mask_prompt: bool = True, batch_size: int = 16, device: str | None = None,
+                    mask_prompt: bool = False, batch_size: int = 16, device: str | None = None,
                     max_samples: int | None = None, progress: bool = False,
                     embeddings: Mapping[int, torch.Tensor] | None = None) -> dict[str, float]:
     """Interactive-segmentation metrics with simulated clicks (``ssp_sam.clicks.next_click``) on the samples that
@@ -177,8 +177,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--clicks", type=int, default=0, metavar="N",
                    help="also simulate up to N clicks per sample (NoC caps at N; 20 is the field's convention): IoU "
                         "after 0/1/2/3/5 clicks and NoC@85/90 for sentence only, sentence then clicks, clicks only")
-    p.add_argument("--no-mask-prompt", action="store_true",
-                   help="with --clicks: do not feed the previous mask back as SAM's dense prompt")
+    p.add_argument("--mask-prompt", action="store_true",
+                   help="with --clicks: also feed the previous mask back as SAM's dense prompt (the backend's "
+                        "INTERACTIVE_MASK_PROMPT)")
     add_model_args(p)
     p.set_defaults(func=_cli_eval)
 
@@ -201,7 +202,7 @@ def _cli_eval(args: argparse.Namespace) -> int:
                                                        for k in kinds))
     if args.clicks > 0:
         c = evaluate_clicks(loaded.model, loaded.tokenizer, data, max_clicks=args.clicks,
-                            mask_prompt=not args.no_mask_prompt, batch_size=args.batch_size,
+                            mask_prompt=args.mask_prompt, batch_size=args.batch_size,
                             max_samples=args.max_samples, progress=True)
         print(f"\nclicks (frame, {int(c['n'])} samples with a target, NoC capped at {args.clicks}):")
         print(format_click_table(c))
