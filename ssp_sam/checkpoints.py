@@ -335,9 +335,10 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 
 def save_bundle(model, tokenizer, path: str | Path, meta: dict | None = None, include_frozen: bool = True,
-                half: bool = False) -> Path:
+                half: bool = False, spec=None) -> Path:
     """Write a bundle atomically. ``include_frozen=False`` leaves out CLIP and the SAM image/prompt encoders (they
-    then come from the base files named in the ModelConfig); ``half`` stores float tensors as float16."""
+    then come from the base files named in the ModelConfig); ``half`` stores float tensors as float16; ``spec``: the
+    VariantSpec to record (default: the model's)."""
     state = {}
     for k, v in model.state_dict().items():
         if k.endswith("position_ids") or (not include_frozen and k.startswith(FROZEN_PREFIXES)):
@@ -346,7 +347,7 @@ def save_bundle(model, tokenizer, path: str | Path, meta: dict | None = None, in
         state[k] = v.half() if half and v.is_floating_point() else v.clone()
     meta = dict(meta or {})
     meta["include_frozen"] = include_frozen
-    bundle = {"format": BUNDLE_FORMAT, "variant": model.spec.to_dict(), "model": state,
+    bundle = {"format": BUNDLE_FORMAT, "variant": (spec or model.spec).to_dict(), "model": state,
               "tokenizer": tokenizer.to_json() if tokenizer is not None else None, "meta": meta}
     atomic_torch_save(bundle, path)
     return Path(path)

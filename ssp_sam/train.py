@@ -664,7 +664,20 @@ def save_best(run: Run, epoch: int, metrics: dict[str, float]) -> Path:
     meta = {"epoch": epoch, "val": {k: (None if isinstance(v, float) and math.isnan(v) else v)
                                     for k, v in metrics.items()},
             "train_config": dataclasses.asdict(run.cfg)}
-    return save_bundle(run.objective.model, run.objective.tokenizer, run.out_dir / "best.pt", meta=meta)
+    model = run.objective.model
+    return save_bundle(model, run.objective.tokenizer, run.out_dir / "best.pt", meta=meta, spec=bundle_spec(model.spec))
+
+
+def bundle_spec(spec):
+    """The spec a bundle records: the run's ``train_clip`` / ``train_sam_encoder`` overrides (in ``meta.train_config``)
+    give way to the variant's own, so that what trains later (``ssp-sam finetune`` rounds) is the variant's recipe,
+    not one run's choice (the demo's click stage freezes CLIP; its rounds must still learn new words)."""
+    from ssp_sam.build import VARIANTS
+
+    base = VARIANTS.get(spec.name)
+    if base is None:
+        return spec
+    return dataclasses.replace(spec, train_clip=base.train_clip, train_sam_encoder=base.train_sam_encoder)
 
 
 def save_checkpoint(run: Run, epoch: int, record: dict[str, float]) -> None:

@@ -67,6 +67,20 @@ def test_train_runs_and_reports(tmp_path):
     assert m["mIoU"] == pytest.approx(result.best_metrics["mIoU"])
 
 
+def test_a_bundle_records_the_variants_training_flags_not_the_runs(tmp_path):
+    """A run that freezes CLIP and the SAM encoder (the demo's click stage) saves a bundle whose spec still says what
+    the variant trains, so later rounds fine-tune as the variant does; the run's choice is in meta.train_config."""
+    from ssp_sam.build import VARIANTS, ModelConfig, load_model
+
+    result = train(_cfg(tmp_path, train_clip=False, train_sam_encoder=False, max_steps=1), train_set=TRAIN,
+                   val_set=VAL)
+    assert result.model.spec.train_clip is False            # the run itself trained without CLIP
+    loaded = load_model(ModelConfig(variant="tiny", checkpoint=str(result.best_path), device="cpu"))
+    assert (loaded.spec.train_clip, loaded.spec.train_sam_encoder) == \
+        (VARIANTS["tiny"].train_clip, VARIANTS["tiny"].train_sam_encoder) == (True, True)
+    assert loaded.meta["train_config"]["train_clip"] is False
+
+
 def test_loss_decreases_on_a_fixed_batch(tmp_path):
     model = build_model("tiny", seed=0)
     small = [TRAIN[i] for i in range(4)]
