@@ -163,6 +163,13 @@ class FakeStore:
                                          model_version=model_version, mask=mask, score=score))
             return len(self.predictions)
 
+    def find_prediction(self, task_id, model_version=None, sentence=None):
+        """The latest recorded prediction of a task (of ``model_version``), as ``Datastore.find_prediction``."""
+        with self.lock:
+            rows = [p for p in reversed(self.predictions) if p["task_id"] == task_id
+                    and (model_version is None or p["model_version"] == model_version)]
+        return rows[0] if rows else None
+
     def version_stats(self):
         with self.lock:
             versions = {}

@@ -30,8 +30,8 @@ import numpy as np
 from backend.labelstudio.brush import MASK_TYPES, mask_region, textarea_region
 from backend.labelstudio.label_config import LabelingSpec, parse_label_config
 from backend.labelstudio.media import MediaError
-from backend.labelstudio.prompts import (collect_prompts, context_sentences, is_interactive, label_for_sentence,
-                                         task_sentences)
+from backend.labelstudio.prompts import (clean_sentence, collect_prompts, context_sentences, is_interactive,
+                                         label_for_sentence, task_sentences)
 from backend.labelstudio.protocol import project_id_of
 from backend.labelstudio.sam_prompts import PromptError, PromptItems, prompt_items, prompt_label, sam_prompts
 from backend.logs import loggable
@@ -183,6 +183,8 @@ class SSPSAMBackend:
         key = self._session_key(version, task, ref.key)
         plan = rt.sessions.plan(key, typed[-1] if typed else None, prompts.clicks, prompts.boxes)
         sentence = plan.sentence
+        if sentence is None and not plan.known:          # this process never saw the task's sentence (another
+            sentence = self._recorded_sentence(task, version)   # worker or replica did, or it was a pre-label)
         if sentence is None:
             own = task_sentences(task, rt.config.prompt_fields)
             sentence = own[0] if len(own) == 1 else None
@@ -223,6 +225,21 @@ class SSPSAMBackend:
         if notes:
             out["message"] = "; ".join(notes)
         return out
+
+    def _recorded_sentence(self, task: dict, version: str) -> Optional[str]:
+        """The sentence of the latest prediction this model version made for the task, from the datastore every worker
+        and replica shares: the mask the annotator is correcting (typed in the editor, or the pre-label). It lets a
+        click that reaches another worker or replica than the sentence did combine with it. None when there is none
+        or the datastore is unavailable (best effort)."""
+        store = self.runtime.store()
+        if store is None or task.get("id") is None:
+            return None
+        try:
+            row = store.find_prediction(task.get("id"), model_version=version)
+        except Exception as exc:       # noqa: BLE001  (a datastore error must not fail the click)
+            logger.warning("interactive: the datastore could not say the task's sentence: %s", type(exc).__name__)
+            return None
+        return clean_sentence(row.get("sentence")) if row else None
 
     def _session_key(self, version: str, task: dict, picture: str) -> tuple:
         return (version, self._project_of(task), task.get("id"), picture)

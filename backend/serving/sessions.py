@@ -59,6 +59,7 @@ class Plan:
     refines: bool                       # ... and adds at least one click or box to it
     mask_input: Optional[np.ndarray]    # SAM's dense prompt (only with INTERACTIVE_MASK_PROMPT on)
     sentence_mask_needed: bool          # the dense prompt is the sentence's own mask, which the caller computes
+    known: bool = True                  # this process has a session for the key (continued or not)
 
     @property
     def box(self) -> Optional[tuple]:
@@ -100,7 +101,7 @@ class InteractiveSessions:
         continued = (prev is not None and (sentence is None or sentence == prev.sentence)
                      and _starts_as(clicks, prev.clicks) and _starts_as(boxes, prev.boxes))
         if not continued:
-            return Plan(sentence, clicks, boxes, False, False, None, False)
+            return Plan(sentence, clicks, boxes, False, False, None, False, known=prev is not None)
         clicks, boxes = clicks or prev.clicks, boxes or prev.boxes
         grown = _extends(clicks, prev.clicks) and _extends(boxes, prev.boxes)
         refines = grown and (len(clicks), len(boxes)) != (len(prev.clicks), len(prev.boxes))

@@ -506,7 +506,19 @@ def test_interactive_correction_through_label_studio(servers):
     h, w = gt.shape
     negative = keypoint_item(100 * (click.x + 0.5) / w, 100 * (click.y + 0.5) / h, positive=False, w=w, h=h,
                              from_name="click")
-    data = interactive(ml_id, tids[k], textarea_item(sentence), negative)
+    # As the editor sends it: the click alone. The backend has two workers; whichever gets the click combines it
+    # with the sentence typed before (its session, else the datastore's record of the answer, which an annotator
+    # always sees before clicking: wait for that record as the annotator's look at the mask would).
+    from backend.learning.datastore import open_datastore
+
+    store = open_datastore(None, model_dir=servers["model_dir"])
+    try:
+        deadline = time.monotonic() + 60
+        while (store.find_prediction(tids[k]) or {}).get("sentence") != sentence and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        store.close()
+    data = interactive(ml_id, tids[k], negative)
     refined, region = mask_of(data, h, w)
     assert region is not None and region["value"]["brushlabels"] == ["object"], data
     assert any(x["type"] == "textarea" and x["value"]["text"] == [sentence] for x in data["result"])

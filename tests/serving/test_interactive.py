@@ -94,6 +94,25 @@ def test_the_sentence_call_then_click_calls_as_label_studio_sends_them(make_app,
     assert [p["sentence"] for p in store.predictions] == ["the red circle"]
 
 
+def test_a_click_reaching_another_worker_takes_the_sentence_from_the_datastore(make_app, predictor, picture, store):
+    """Two workers (or replicas) share the datastore but not their sessions: the click that reaches the worker which
+    never saw the sentence combines with the latest sentence the model answered for the task (recorded there)."""
+    first, second = make_app().test_client(), make_app().test_client()
+    t = task(1, picture)
+    interactive(first, [t], textarea_item("the red circle"))
+    assert [p["sentence"] for p in store.predictions] == ["the red circle"]
+    interactive(second, [t], keypoint_item(10, 10, positive=False, w=W, h=H))
+    assert predictor.interactive_calls[-1]["sentence"] == "the red circle"
+    # a task the model never answered a sentence for: plain SAM
+    other = task(2, picture)
+    interactive(second, [other], keypoint_item(10, 10, w=W, h=H))
+    assert predictor.interactive_calls[-1]["sentence"] is None
+    # a broken datastore: the click still gets its answer (plain SAM), never an error
+    store.find_prediction = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("database is locked"))
+    body = interactive(make_app().test_client(), [t], keypoint_item(10, 10, w=W, h=H))
+    assert predictor.interactive_calls[-1]["sentence"] is None and regions(body)
+
+
 def test_sessions_without_the_mask_prompt_and_per_task(client, predictor, ls_media):
     a, b = ls_media("a.png", png_bytes(W, H)), ls_media("b.png", png_bytes(W, H, color=(0, 90, 0)))
     interactive(client, [task(1, a)], textarea_item("the red circle"))
