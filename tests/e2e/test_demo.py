@@ -105,7 +105,7 @@ def test_ctrl_c_stops_everything(ls_venv, tmp_path):
     assert len(marked(tmp_path)) >= 3, marked(tmp_path)        # Label Studio, the backend, the trainer
     t0 = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)                           # what the terminal does on Ctrl-C
-    assert proc.wait(60) == 0, log.read_text()[-3000:]
+    assert proc.wait(300) == 0, log.read_text()[-3000:]          # a hang guard, not a time bound
     print(f"stopped {time.monotonic() - t0:.1f} s after Ctrl-C")
     assert "stopped" in log.read_text()
     assert_nothing_left(tmp_path, env)
