@@ -13,6 +13,12 @@ label's colour, and saves a 1280x800 PNG (palette-compressed). It refuses to sav
 
 Options: ``--url`` (default http://127.0.0.1:$DEMO_LS_PORT, 8080), ``--task`` (default: the task whose prediction
 with a mask scored highest), ``--out``, ``--size``; the login is read from the demo's ``login.json`` (DEMO_DIR).
+
+``--interactive`` (docs/img/interactive.png): a sentence, then one Alt-click. For the demo's tasks in order, it sends
+the task's sentence, then the simulated annotator's next click (``ssp_sam.clicks.next_click`` against the scene's
+true mask), through Label Studio's own interactive endpoint as the editor does (the click call alone: the backend
+keeps the sentence); on the first task where that click is negative and raises the IoU, it imports a copy of the task
+whose one prediction is that answer plus the click, and photographs it.
 Selenium drives ``/usr/bin/chromium`` through ``/usr/bin/chromedriver`` (``--chromium``, ``--chromedriver``), so
 nothing is downloaded.
 """
@@ -27,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,11 +55,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", default=f"http://127.0.0.1:{os.environ.get('DEMO_LS_PORT') or 8080}")
     ap.add_argument("--task", type=int, default=None, help="task id (default: the best-scored prediction with a mask)")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "img" / "prelabel.png"))
+    ap.add_argument("--out", default=None, help="default: docs/img/prelabel.png (interactive.png)")
     ap.add_argument("--size", default="1280x800", help="viewport WIDTHxHEIGHT")
     ap.add_argument("--chromium", default="/usr/bin/chromium")
     ap.add_argument("--chromedriver", default="/usr/bin/chromedriver")
     ap.add_argument("--timeout", type=float, default=60, help="seconds to wait for the editor to draw the mask")
+    ap.add_argument("--interactive", action="store_true",
+                    help="a sentence then an Alt-click (default --out docs/img/interactive.png)")
     return ap.parse_args(argv)
 
 
@@ -82,6 +91,60 @@ def find_task(url: str, login: Login, task: int | None) -> tuple[int, int]:
     if best[1] is None:
         raise ScreenshotError("no task of the demo project has a prediction with a mask: retrieve predictions first")
     return project, best[1]
+
+
+def stage_interactive(url: str, login: Login, project: int) -> int:
+    """A sentence, then the annotator's next click, through LS's interactive endpoint (the editor's calls); the id
+    of a new task whose prediction is the refined answer plus the click."""
+    from backend.labelstudio.brush import region_mask
+    from scripts.demo import SCENE_SEED
+    from ssp_sam.clicks import next_click
+    from ssp_sam.data.synthetic import generate_sample
+    from ssp_sam.metrics import iou
+
+    api = requests.Session()
+    api.headers["Authorization"] = f"Token {login.token}"
+
+    def call(method, path, **kw):
+        r = api.request(method, url + path, timeout=120, **kw)
+        if r.status_code not in (200, 201):
+            raise ScreenshotError(f"{method} {path}: HTTP {r.status_code} {r.text[:200]}")
+        return r.json()
+
+    def ask(ml, task, item) -> tuple[list, np.ndarray]:
+        data = call("POST", f"/api/ml/{ml}/interactive-annotating", json={"task": task, "context": {"result": [item]}})
+        result = (data.get("data") or {}).get("result") or []
+        brush = [x for x in result if x["type"] == "brushlabels"]
+        return result, (region_mask(brush[0]["value"], w, h) if brush else np.zeros((h, w), bool))
+
+    ml = call("GET", "/api/ml", params={"project": project})[0]["id"]
+    tasks = call("GET", "/api/tasks", params={"project": project, "page_size": 1000})["tasks"]
+    for t in sorted(tasks, key=lambda t: t["id"]):
+        data = t["data"]
+        truth = generate_sample(SCENE_SEED, data["scene"]).mask
+        h, w = truth.shape
+        _, alone = ask(ml, t["id"], {"id": "txt", "from_name": "prompt", "to_name": "image", "type": "textarea",
+                                     "origin": "manual", "value": {"text": [data["text"]]}})
+        click = next_click(alone, truth)
+        if click is None or click.positive:
+            continue
+        point = {"id": "alt", "from_name": "click", "to_name": "image", "type": "keypointlabels", "origin": "manual",
+                 "original_width": w, "original_height": h, "image_rotation": 0, "is_positive": False,
+                 "value": {"x": 100 * (click.x + 0.5) / w, "y": 100 * (click.y + 0.5) / h, "width": 1.0,
+                           "keypointlabels": ["object"]}}
+        result, refined = ask(ml, t["id"], point)
+        before, after = iou(alone, truth), iou(refined, truth)
+        if after < before + 0.1:
+            continue
+        print(f"task {t['id']} {data['text']!r}: IoU {before:.2f} with the sentence, {after:.2f} after one Alt-click")
+        call("POST", f"/api/projects/{project}/import", json=[dict(data)])
+        copy = max(x["id"] for x in call("GET", "/api/tasks", params={"project": project, "page_size": 1000})["tasks"])
+        shown = {k: v for k, v in point.items() if k not in ("is_positive", "origin")}
+        version = call("GET", f"/api/ml/{ml}").get("model_version") or "ssp-sam"
+        call("POST", "/api/predictions", json={"task": copy, "model_version": version, "score": 1.0,
+                                               "result": result + [shown]})
+        return copy
+    raise ScreenshotError("no demo task where the sentence's mask is too large and one Alt-click fixes it")
 
 
 def open_browser(args: argparse.Namespace):
@@ -177,9 +240,12 @@ def save_small_png(png: bytes, out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.out = args.out or str(ROOT / "docs" / "img" / ("interactive.png" if args.interactive else "prelabel.png"))
     login = demo_login()
     try:
         project, task = find_task(args.url, login, args.task)
+        if args.interactive:
+            task = stage_interactive(args.url, login, project)
         driver = open_browser(args)
         try:
             log_in(driver, args.url, login, args.timeout)
