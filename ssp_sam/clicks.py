@@ -18,15 +18,15 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
-
-from .transforms import resized_hw
 
 
 @dataclass(frozen=True)
 class Click:
-    x: float                # column on the grid the click was found on
-    y: float                # row
+    """A click: where (in the frame its maker says: a mask grid's column and row for simulated clicks, continuous
+    picture coordinates for an annotator's) and whether it adds (positive) or removes."""
+
+    x: float
+    y: float
     positive: bool
 
 
@@ -67,11 +67,12 @@ def first_click(gt: np.ndarray, rng: random.Random | None = None, jitter: float 
     return next_click(np.zeros_like(gt, dtype=bool), gt, rng, jitter)
 
 
-def click_tensors(clicks: Sequence[Sequence[Click]], grid: int, sam_size: int, device=None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def click_tensors(clicks: Sequence[Sequence[Click]], grid: int, sam_size: int, device=None) -> tuple:
     """Per-sample click lists found on a ``grid`` x ``grid`` frame (the model's logit frame: the padded SAM square at
     lower resolution) -> SAM point prompts ((B, N, 2) xy in the SAM input frame, (B, N) labels, -1 pads the shorter
     lists)."""
+    import torch            # here: the server reads clicks (``Click``) from Label Studio before it loads torch
+
     n = max(1, max((len(c) for c in clicks), default=0))   # a batch without any click: one padding point each
     coords = torch.zeros(len(clicks), n, 2)
     labels = torch.full((len(clicks), n), -1.0)
@@ -87,6 +88,8 @@ def click_tensors(clicks: Sequence[Sequence[Click]], grid: int, sam_size: int, d
 def original_to_sam(xy: np.ndarray, hw: tuple[int, int], sam_size: int) -> np.ndarray:
     """(..., 2) continuous xy on the original picture ((0, 0) its top-left corner, (W, H) its bottom-right) -> SAM
     pixel coordinates (``ResizeLongestSide.apply_coords`` of the pixel the point lies in)."""
+    from .transforms import resized_hw   # (ssp_sam.transforms loads torch; ``Click`` alone must not)
+
     h, w = hw
     nh, nw = resized_hw(h, w, sam_size)
     xy = np.asarray(xy, dtype=np.float32)

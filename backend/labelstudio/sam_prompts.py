@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from backend.labelstudio.label_config import LabelingSpec
+from ssp_sam.clicks import Click     # x, y: continuous coordinates on the EXIF-transposed picture
 
 CLICK_TYPES = ("keypointlabels", "keypoint")
 BOX_TYPES = ("rectanglelabels", "rectangle")
@@ -38,13 +39,6 @@ MAX_CLICKS = 200            # SAM was trained with a handful; a request with tho
 
 class PromptError(ValueError):
     """A click or a box the backend cannot use (the message is safe to show to a client)."""
-
-
-@dataclass(frozen=True)
-class Click:
-    x: float                # continuous pixel coordinates on the EXIF-transposed picture
-    y: float
-    positive: bool
 
 
 @dataclass(frozen=True)
