@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from backend.labelstudio.brush import brush_region  # noqa: E402
+from backend.labelstudio.brush import mask_region  # noqa: E402
 from bench.common import machine, parse_size, write_json  # noqa: E402
 from ssp_sam.images import load_image  # noqa: E402
 from scripts.labelstudio_headless import free_port, start_process  # noqa: E402
@@ -106,7 +106,7 @@ def bare(data: list[tuple[bytes, str]], batch: int, device: str) -> dict:
     images = [load_image(png) for png, _ in data]
     pairs = [(im, s) for im, (_, s) in zip(images, data)]
     for p in predictor.predict_batch(pairs[:batch], batch_size=batch):   # warm-up (one-off costs, imports included)
-        brush_region(p.mask, from_name="tag", to_name="image", label="object", score=p.score)
+        mask_region(p.mask, from_name="tag", to_name="image", label="object", score=p.score)
     t, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(pairs), batch):
         predictor.predict_batch(pairs[i:i + batch], batch_size=batch)
@@ -122,7 +122,7 @@ def bare(data: list[tuple[bytes, str]], batch: int, device: str) -> dict:
         t0 = time.perf_counter()
         for p in preds:
             if p.mask.any():
-                brush_region(p.mask, from_name="tag", to_name="image", label="object", score=p.score)
+                mask_region(p.mask, from_name="tag", to_name="image", label="object", score=p.score)
         rle_s += time.perf_counter() - t0
     full_s = time.perf_counter() - t
     return {"model_s": model_s, "model_cpu_s": model_cpu_s, "with_decode_rle_s": full_s, "decode_s": decode_s,

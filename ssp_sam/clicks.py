@@ -85,6 +85,23 @@ def click_tensors(clicks: Sequence[Sequence[Click]], grid: int, sam_size: int, d
     return coords.to(device), labels.to(device)
 
 
+def click_round(model, embeddings, prompts, chains: list, pred: np.ndarray, gt: np.ndarray, low=None,
+                rng: random.Random | None = None, jitter: float = 1.0) -> tuple:
+    """One round of simulated sessions on a batch (training and ``evaluate_clicks``): each sample's next click (at the
+    largest error of ``pred`` against ``gt``, (B, F, F) bool on the logit frame) is added to its chain in
+    ``chains``, then SAM's mask decoder runs with every click so far, the sentence's ``prompts`` (None: plain SAM)
+    and ``low`` (the previous low-res logits, detached, as the dense prompt; None: no mask prompt). Returns (logits
+    (B, 1, F, F) on the frame, low-res logits)."""
+    spec = model.spec
+    for i, chain in enumerate(chains):
+        c = next_click(pred[i], gt[i], rng, jitter)
+        if c is not None:
+            chain.append(c)
+    points = click_tensors(chains, spec.frame_size, spec.sam_image_size, embeddings.device)
+    low = model.decode_masks(embeddings, prompts, points=points, mask_input=None if low is None else low.detach())
+    return model.postprocess_logits(low), low
+
+
 def original_to_sam(xy: np.ndarray, hw: tuple[int, int], sam_size: int) -> np.ndarray:
     """(..., 2) continuous xy on the original picture ((0, 0) its top-left corner, (W, H) its bottom-right) -> SAM
     pixel coordinates (``ResizeLongestSide.apply_coords`` of the pixel the point lies in)."""
@@ -96,4 +113,4 @@ def original_to_sam(xy: np.ndarray, hw: tuple[int, int], sam_size: int) -> np.nd
     return xy * np.array([nw / w, nh / h], dtype=np.float32) - 0.5
 
 
-__all__ = ["Click", "next_click", "first_click", "click_tensors", "original_to_sam"]
+__all__ = ["Click", "next_click", "first_click", "click_tensors", "click_round", "original_to_sam"]

@@ -90,7 +90,7 @@ def evaluate_clicks(model, tokenizer, dataset: Sequence[Sample], max_clicks: int
     number of clicks to reach that IoU, ``max_clicks`` when never; 0 when the sentence alone reaches it), ``n``.
     ``mask_prompt``: each step also gets the previous step's logits as SAM's dense prompt.
     """
-    from ssp_sam.clicks import click_tensors, next_click
+    from ssp_sam.clicks import click_round
     from ssp_sam.metrics import iou
 
     from tqdm import tqdm
@@ -116,14 +116,9 @@ def evaluate_clicks(model, tokenizer, dataset: Sequence[Sample], max_clicks: int
                 rows = [[iou(p, g)] for p, g in zip(pred, gt)]
                 chains = [[] for _ in gt]
                 for _ in range(max_clicks):
-                    for i, chain in enumerate(chains):
-                        c = next_click(pred[i], gt[i])
-                        if c is not None:
-                            chain.append(c)
-                    points = click_tensors(chains, spec.frame_size, spec.sam_image_size, dev)
-                    low = model.decode_masks(out.image_embeddings, prompts, points=points,
-                                             mask_input=low if mask_prompt and low is not None else None)
-                    pred = (model.postprocess_logits(low)[:, 0] > 0).cpu().numpy()
+                    logits, low = click_round(model, out.image_embeddings, prompts, chains, pred, gt,
+                                              low if mask_prompt else None)
+                    pred = (logits[:, 0] > 0).cpu().numpy()
                     for row, p, g in zip(rows, pred, gt):
                         row.append(iou(p, g))
                 curves[mode].extend(rows)

@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ssp_sam.batches import TrainView, collate, forward_batch, precompute_embeddings
-from ssp_sam.clicks import Click, click_tensors, next_click
+from ssp_sam.clicks import Click, click_round
 from ssp_sam.data import Sample
 from ssp_sam.distributed import from_rank0, gather_objects, init_distributed, rank_and_world
 from ssp_sam.evaluate import evaluate_model
@@ -418,7 +418,6 @@ class Objective(torch.nn.Module):
         previous mask, optionally with that mask's logits (detached) as the dense prompt. Returns the mean mask loss
         over the ``n`` rounds."""
         cfg, model, dev = self.clicks, self.model, self.device
-        spec = model.spec
         gt = masks.bool().numpy()
         target = masks[:, None].to(dev)
         clicks_only = random.random() < cfg.only_prob
@@ -430,14 +429,8 @@ class Objective(torch.nn.Module):
         n = random.randint(1, cfg.rounds)
         total = 0.0
         for _ in range(n):
-            for i, chain in enumerate(chains):
-                c = next_click(prev[i], gt[i], random, cfg.jitter)
-                if c is not None:
-                    chain.append(c)
-            points = click_tensors(chains, spec.frame_size, spec.sam_image_size, dev)
-            low = model.decode_masks(out.image_embeddings, prompts, points=points,
-                                     mask_input=low.detach() if use_mask and low is not None else None)
-            logits = model.postprocess_logits(low)
+            logits, low = click_round(model, out.image_embeddings, prompts, chains, prev, gt,
+                                      low if use_mask else None, random, cfg.jitter)
             total = total + mask_loss(logits, target)
             prev = (logits[:, 0].detach() > 0).cpu().numpy()
         return total / n

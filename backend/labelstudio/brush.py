@@ -57,13 +57,6 @@ def mask_region(mask: np.ndarray, *, from_name: str, to_name: str, label: Option
     }
 
 
-def brush_region(mask: np.ndarray, *, from_name: str, to_name: str, label: Optional[str], score: float,
-                 region_id: Optional[str] = None) -> dict:
-    """A predicted ``brushlabels`` result item for an (H, W) mask at the image's natural size."""
-    return mask_region(mask, from_name=from_name, to_name=to_name, label=label, score=score, kind="brushlabels",
-                       region_id=region_id)
-
-
 def textarea_region(texts: list[str], *, from_name: str, to_name: str, region_id: Optional[str] = None) -> dict:
     """A ``textarea`` result item (echoes the sentence a prediction was made for)."""
     return {
@@ -92,7 +85,7 @@ def png_data_url_to_mask(url: Any, height: int, width: int) -> np.ndarray:
     a ValueError with the reason for anything else, or a picture of another size."""
     from PIL import Image, UnidentifiedImageError
 
-    if not isinstance(url, str) or not url.startswith("data:image/png;base64,"):
+    if not isinstance(url, str) or not url.startswith(PNG_DATA_URL):
         raise ValueError("imageDataURL must be a data:image/png;base64,... URL")
     try:
         raw = base64.b64decode(url[len(PNG_DATA_URL):], validate=True)

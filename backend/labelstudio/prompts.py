@@ -55,12 +55,17 @@ def result_texts(item: Any) -> list[str]:
 
 
 # ---------------------------------------------------------------------- predictions
+def context_items(context: Any) -> list:
+    """The result items (JSON objects) of an interactive ``params.context``; [] for anything else."""
+    items = context.get("result") if isinstance(context, Mapping) else None
+    return [x for x in items if isinstance(x, Mapping)] if isinstance(items, list) else []
+
+
 def context_sentences(spec: LabelingSpec, context: Any) -> list[str]:
     """Sentences typed into the prompt TextArea, from an interactive ``params.context``."""
-    items = context.get("result") if isinstance(context, Mapping) else None
     out: list[str] = []
-    for item in items if isinstance(items, list) else []:
-        if spec.prompt_name is not None and isinstance(item, Mapping) and item.get("from_name") != spec.prompt_name:
+    for item in context_items(context):
+        if spec.prompt_name is not None and item.get("from_name") != spec.prompt_name:
             continue
         out += [s for s in result_texts(item) if s not in out]
     return out
@@ -134,5 +139,6 @@ def region_sentence(region: Mapping, results: Sequence[Mapping], task: Mapping,
     return None, None
 
 
-__all__ = ["DEFAULT_PROMPT_FIELDS", "Prompt", "clean_sentence", "result_texts", "context_sentences",
-           "task_sentences", "label_for_sentence", "collect_prompts", "is_interactive", "region_sentence"]
+__all__ = ["DEFAULT_PROMPT_FIELDS", "Prompt", "clean_sentence", "result_texts", "context_items",
+           "context_sentences", "task_sentences", "label_for_sentence", "collect_prompts", "is_interactive",
+           "region_sentence"]

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from backend.labelstudio.label_config import LabelingSpec
+from backend.labelstudio.prompts import context_items
 from ssp_sam.clicks import Click     # x, y: continuous coordinates on the EXIF-transposed picture
 
 CLICK_TYPES = ("keypointlabels", "keypoint")
@@ -65,11 +66,6 @@ class SamPrompts:
         return self.boxes[-1] if self.boxes else None
 
 
-def _context_items(context: Any) -> list:
-    items = context.get("result") if isinstance(context, Mapping) else None
-    return [x for x in items if isinstance(x, Mapping)] if isinstance(items, list) else []
-
-
 def _name(value: Any) -> str:
     return value if isinstance(value, str) else repr(value)
 
@@ -86,7 +82,7 @@ def prompt_items(spec: LabelingSpec, context: Any) -> PromptItems:
     (``to_name``; absent counts as that image). The others are left out, each with a note."""
     controls = {name: kind for name, kind, _ in spec.prompt_controls}
     clicks, boxes, notes, ordered = [], [], [], []
-    for item in _context_items(context):
+    for item in context_items(context):
         kind = str(item.get("type", "")).lower()
         if kind not in CLICK_TYPES + BOX_TYPES:
             continue

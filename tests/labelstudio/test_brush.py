@@ -3,14 +3,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backend.labelstudio.brush import brush_region, redact_rle, region_mask, textarea_region
+from backend.labelstudio.brush import mask_region, redact_rle, region_mask, textarea_region
 from tests.payloads import bitmask_data_url
 
 
 def test_regions_and_redaction():
     m = np.zeros((6, 8), bool)
     m[2:4, 2:6] = True
-    r = brush_region(m, from_name="tag", to_name="image", label="object", score=0.5)
+    r = mask_region(m, from_name="tag", to_name="image", label="object", score=0.5)
     assert r["original_width"] == 8 and r["original_height"] == 6 and r["image_rotation"] == 0
     assert r["value"]["brushlabels"] == ["object"] and r["type"] == "brushlabels"
     t = textarea_region(["a b"], from_name="prompt", to_name="image")
@@ -22,7 +22,7 @@ def test_regions_and_redaction():
 def test_region_mask_reads_a_submitted_region():
     m = np.zeros((6, 8), bool)
     m[1:4, 2:7] = True
-    value = brush_region(m, from_name="tag", to_name="image", label="object", score=1.0)["value"]
+    value = mask_region(m, from_name="tag", to_name="image", label="object", score=1.0)["value"]
     assert np.array_equal(region_mask(value, 8, 6), m)
     with pytest.raises(ValueError, match="expected 9x6x4"):
         region_mask(value, 9, 6)
@@ -54,8 +54,9 @@ def test_bitmask_regions_decode_to_the_same_mask():
     assert np.array_equal(region_mask(r["value"], 53, 37), m)
     assert np.array_equal(region_mask({"imageDataURL": bitmask_data_url(m), "bitmasklabels": []}, 53, 37), m)
     assert redact_rle(r)["value"]["imageDataURL"].startswith("<png data URL")
-    brush = mask_region(m, from_name="tag", to_name="image", label="object", score=0.5)
-    assert brush == {**brush_region(m, from_name="tag", to_name="image", label="object", score=0.5), "id": brush["id"]}
+    brush = mask_region(m, from_name="tag", to_name="image", label="object", score=0.5)    # the default: a brush RLE
+    assert brush["type"] == "brushlabels" and brush["value"]["format"] == "rle"
+    assert np.array_equal(region_mask(brush["value"], 53, 37), m)
     with pytest.raises(ValueError, match="unknown mask region type"):
         mask_region(m, from_name="tag", to_name="image", label="object", score=0.5, kind="polygonlabels")
 
