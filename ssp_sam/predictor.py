@@ -348,7 +348,9 @@ class SSPSAMPredictor:
                 raise ValueError(f"{len(points)} points but {labels.size} labels")
         ref = self._ref(image)
         fe = self._image_features([ref], 1)[0]
-        text = self._text_features([str(sentence)])[0] if sentence else None
+        # a click after the sentence finds the sentence's prompt tokens cached: no text features needed then
+        cached = self.prompt_cache.get((ref.key, str(sentence))) if sentence else None
+        text = self._text_features([str(sentence)])[0] if sentence and cached is None else None
         size = self.spec.sam_image_size
         with stage("decoder"):
             dev = self.device
@@ -365,7 +367,9 @@ class SSPSAMPredictor:
             with torch.inference_mode(), self._autocast(), self._model_lock:
                 emb = fe.embedding[None].to(dev)
                 prompts = reg_box = None
-                if text is not None:
+                if cached is not None:
+                    reg_box, prompts = cached.box.to(dev), cached.prompts.to(dev)
+                elif text is not None:
                     reg_box, prompts = self._sentence_prompts(ref.key, str(sentence), fe, text)
                 low = self.model.decode_masks(emb, prompts, points=pts, boxes=bx, mask_input=mi)
                 logits = self.model.postprocess_logits(low).float()[0, 0]
@@ -376,15 +380,12 @@ class SSPSAMPredictor:
 
     def _sentence_prompts(self, image_key: str, sentence: str, fe: _ImageFeatures, text
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(REG box (1, 4), prompt tokens (1, P, D)) of a sentence on a picture, cached (``prompt_cache``)."""
-        key = (image_key, sentence)
-        hit = self.prompt_cache.get(key)
-        if hit is not None:
-            return hit.box.to(self.device), hit.prompts.to(self.device)
+        """(REG box (1, 4), prompt tokens (1, P, D)) of a sentence on a picture, computed and kept in
+        ``prompt_cache`` for the clicks that follow."""
         ids, words, sent = (t[None].to(self.device) for t in text)
         box, prompts, _ = self.model.encode_prompts(ids, image_tokens=fe.tokens[None].to(self.device),
                                                     text_features=(words, sent))
-        self.prompt_cache.put(key, _Prompts(box.float().cpu(), prompts.float().cpu()))
+        self.prompt_cache.put((image_key, sentence), _Prompts(box.float().cpu(), prompts.float().cpu()))
         return box, prompts
 
     def _finish(self, frame_logits: torch.Tensor, box: torch.Tensor | None, fe: _ImageFeatures) -> Prediction:
